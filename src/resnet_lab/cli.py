@@ -1,0 +1,74 @@
+"""The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
+
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from resnet_lab.callbacks import ValidateAtMaxSteps
+from resnet_lab.errors import UserError
+from resnet_lab.module import ImageClassifier
+
+# Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+LOG_DIR = "logs"
+UNNAMED_RUN = "default"
+
+
+class ResNetLabCLI(LightningCLI):
+    """LightningCLI with the data module's class count linked into the backbone, best-on-validation and last
+    checkpoints, per-step learning-rate logging, a validation at the last step, and TensorBoard runs under
+    `logs/<first config's name>/`."""
+
+    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        super().__init__(
+            ImageClassifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": [ValidateAtMaxSteps()]},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.backbone.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/err_top1",
+                "checkpoint.mode": "min",
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": LOG_DIR, "name": UNNAMED_RUN},
+                }
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = getattr(config.trainer.logger, "init_args", None)
+        if config.get("config") and init_args is not None and init_args.get("name") == UNNAMED_RUN:
+            init_args.name = Path(str(config.config[0])).stem
+
+
+def main(args: ArgsType = None) -> None:
+    try:
+        ResNetLabCLI(args=args)
+    except UserError as err:
+        sys.exit(f"error: {err}")

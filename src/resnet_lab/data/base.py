@@ -1,0 +1,127 @@
+"""What every data module here shares: where data lives, in-memory image datasets, and the loaders."""
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from resnet_lab.errors import ConfigError
+
+DATA_ENV = "RESNET_LAB_DATA"
+
+
+def resolve_root(root: str | Path | None) -> Path:
+    """`root` if given, else `$RESNET_LAB_DATA`, else `./data`."""
+    return Path(root if root is not None else os.environ.get(DATA_ENV, "data")).expanduser()
+
+
+def default_num_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with broadcasting, so `mean` can be a per-pixel image (the paper's CIFAR input)."""
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def fit_standardize(images: Tensor, per_pixel: bool) -> Standardize:
+    """Statistics of uint8 images [N, C, H, W] scaled to [0, 1]: the per-pixel mean image alone (the paper's
+    CIFAR input), or the per-channel mean and std."""
+    x = images.float().div_(255)
+    if per_pixel:
+        return Standardize(x.mean(dim=0), torch.ones(1))
+    return Standardize(x.mean(dim=(0, 2, 3))[:, None, None], x.std(dim=(0, 2, 3))[:, None, None])
+
+
+class TensorImageDataset(Dataset):
+    """Images held as one uint8 tensor [N, C, H, W], transformed one at a time."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: nn.Module) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed random train / validation split of range(n)."""
+    if not 0 <= val_size < n:
+        raise ConfigError(f"val_size must be in [0, {n}), got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
+
+
+def crop_flip_transform(size: int, padding: int, normalize: nn.Module) -> v2.Compose:
+    """The paper's CIFAR augmentation: pad, random crop back to size, random horizontal flip."""
+    return v2.Compose(
+        [
+            v2.RandomCrop(size, padding=padding),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            normalize,
+        ]
+    )
+
+
+def eval_transform(normalize: nn.Module) -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize])
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Builds the loaders from `train_set`, `val_set` and `test_set`, which subclasses fill in `setup`.
+
+    Args:
+        batch_size: per device; the global batch is batch_size x devices x nodes.
+        num_workers: loader processes; None follows the machine.
+    """
+
+    num_classes: int
+
+    def __init__(self, batch_size: int, num_workers: int | None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,142 @@
+"""CIFAR-10 / CIFAR-100 from the standard python-version batches, with the paper's protocol (Sec. 4.2)."""
+
+import pickle
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from resnet_lab.data.base import (
+    DATA_ENV,
+    ClassificationDataModule,
+    TensorImageDataset,
+    crop_flip_transform,
+    eval_transform,
+    fit_standardize,
+    resolve_root,
+    split_indices,
+)
+from resnet_lab.errors import DataError, DatasetNotFoundError
+
+
+def load_cifar_batches(
+    folder: Path, files: tuple[str, ...], label_key: bytes, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Read python-version CIFAR batch files into uint8 images [N, 3, 32, 32] and int64 labels [N].
+
+    Files are checked for shapes and label range rather than md5, so re-packed copies load.
+    """
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{path} is missing: the CIFAR folder must hold {', '.join(files)}")
+        try:
+            with path.open("rb") as f:
+                entry = pickle.load(f, encoding="bytes")
+            data = np.asarray(entry[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(entry[label_key], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+            raise DataError(
+                f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); "
+                "delete the folder and download it again"
+            ) from err
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch_labels) != len(data):
+            raise DataError(
+                f"{path}: expected data of shape [N, 3072] and N labels, "
+                f"got data {list(data.shape)} and {len(batch_labels)} labels"
+            )
+        if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < num_classes:
+            raise DataError(
+                f"{path}: labels must lie in [0, {num_classes}), found {batch_labels.min()}..{batch_labels.max()}"
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+class CIFAR10DataModule(ClassificationDataModule):
+    """CIFAR-10 with the paper's protocol: 45k / 5k train / validation split, 4-pixel pad + random crop + flip,
+    per-pixel mean subtraction; the 10k test set for `test` and `predict`.
+
+    Args:
+        root: folder holding `cifar-10-batches-py/`; default `$RESNET_LAB_DATA`, else `./data`.
+        batch_size: per device (the paper's 128 is the global batch).
+        val_size: images held out of the 50k training set for validation (the paper's 5k). 0 trains on all
+            50k and validates on the test set, as the most widely used public reimplementation does.
+        split_seed: seed of the fixed train / validation split.
+        normalization: "pixel_mean" subtracts the per-pixel mean image of the train split (the paper);
+            "channel" subtracts the per-channel mean and divides by the per-channel std.
+        augment: pad 4 + random 32x32 crop + horizontal flip on training images.
+        num_workers: loader processes; None follows the machine.
+        download: fetch the dataset with torchvision when the folder is missing.
+    """
+
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    label_key = b"labels"
+    num_classes = 10
+    torchvision_class = datasets.CIFAR10
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        normalization: Literal["pixel_mean", "channel"] = "pixel_mean",
+        augment: bool = True,
+        num_workers: int | None = None,
+        download: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.root = resolve_root(root)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.normalization = normalization
+        self.augment = augment
+        self.download = download
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.folder
+
+    def prepare_data(self) -> None:
+        if self.data_dir.is_dir():
+            return
+        if not self.download:
+            raise DatasetNotFoundError(
+                f"no {self.torchvision_class.__name__} found: looked for {self.data_dir.resolve()}. Point "
+                f"--data.root (or ${DATA_ENV}) at the folder that holds {self.folder}/, or set --data.download true"
+            )
+        self.torchvision_class(str(self.root), train=True, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.data_dir.is_dir():
+            self.prepare_data()
+        images, labels = load_cifar_batches(self.data_dir, self.train_files, self.label_key, self.num_classes)
+        train_idx, val_idx = split_indices(len(labels), self.val_size, self.split_seed)
+        normalize = fit_standardize(images[train_idx], per_pixel=self.normalization == "pixel_mean")
+        train_tf = crop_flip_transform(32, 4, normalize) if self.augment else eval_transform(normalize)
+        self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
+        test_images, test_labels = load_cifar_batches(self.data_dir, self.test_files, self.label_key, self.num_classes)
+        self.test_set = TensorImageDataset(test_images, test_labels, eval_transform(normalize))
+        if self.val_size:
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_transform(normalize))
+        else:
+            self.val_set = self.test_set
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (fine labels) through the same code; `root` holds `cifar-100-python/`."""
+
+    folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    label_key = b"fine_labels"
+    num_classes = 100
+    torchvision_class = datasets.CIFAR100

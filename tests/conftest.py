@@ -1,0 +1,60 @@
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_key: bytes = b"labels") -> None:
+    """One batch file in the python-version CIFAR format (uint8 [N, 3072] in R|G|B planes)."""
+    entry = {
+        b"batch_label": b"test",
+        label_key: labels,
+        b"data": images.reshape(len(labels), -1),
+        b"filenames": [b"x.png"] * len(labels),
+    }
+    with path.open("wb") as f:
+        pickle.dump(entry, f)
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Path:
+    """A small CIFAR-10 in the real on-disk layout: 5 train batches of 40 images, a test batch of 40."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(x) for x in rng.integers(0, 10, 40)]
+        images = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+        write_cifar_batch(folder / name, images, labels)
+    return tmp_path
+
+
+@pytest.fixture
+def imagenet_root(tmp_path: Path) -> Path:
+    """A tiny ImageFolder tree of real JPEG files: 3 classes, 4 train and 2 val images each."""
+    import torch
+    from torchvision.io import write_jpeg
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for wnid in ("n01440764", "n02102040", "n02979186"):
+            folder = tmp_path / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g)
+                write_jpeg(image, str(folder / f"{wnid}_{i}.JPEG"))
+    return tmp_path / "imagenet"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real datasets (`$RESNET_LAB_DATA`, set by .ci/run to ../shared/data); skip where absent."""
+    root = os.environ.get("RESNET_LAB_DATA")
+    if not root or not (Path(root) / "cifar-10-batches-py").is_dir():
+        pytest.skip("real CIFAR-10 not found: set RESNET_LAB_DATA to the folder holding cifar-10-batches-py")
+    return Path(root)

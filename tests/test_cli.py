@@ -1,0 +1,251 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS, REPO
+from resnet_lab import ImageClassifier
+from resnet_lab.cli import ResNetLabCLI, main
+
+EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml"))
+PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs write under ./logs
+
+
+def data_args(config: Path, cifar_root: Path, imagenet_root: Path) -> list[str]:
+    text = config.read_text()
+    if "CIFAR10DataModule" in text:
+        return ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.num_workers", "0"]
+    if "ImageNetDataModule" in text:
+        return ["--data.root", str(imagenet_root), "--data.num_workers", "0"]
+    return []
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_config_parses_and_instantiates(config, cifar_root, imagenet_root):
+    cli = ResNetLabCLI(args=["--config", str(config), *data_args(config, cifar_root, imagenet_root)], run=False)
+    init = yaml.safe_load(config.read_text())["model"]["backbone"]["init_args"]
+    backbone = cli.model.backbone
+    assert backbone.depth == init["depth"] and backbone.residual == init.get("residual", True)
+    assert backbone.num_classes == cli.datamodule.num_classes  # linked from the data module
+    optimizer = cli.model.optimizer(cli.model.parameters())
+    assert isinstance(optimizer, torch.optim.SGD)
+    if "cifar" in config.stem:
+        assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 1e-4
+        assert cli.datamodule.batch_size == 128 and cli.trainer.max_steps == 64000
+        scheduler = cli.model.lr_scheduler(optimizer)
+        assert scheduler.milestones == [32000, 48000] or list(scheduler.milestones) == [32000, 48000]
+        assert cli.model.scheduler_interval == "step"
+        warmup = getattr(scheduler, "warmup_steps", 0)
+        assert warmup == (400 if backbone.depth >= 110 else 0)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_stack_on_an_experiment(preset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "resnet110_cifar.yaml"), "--config", str(preset), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in yaml.safe_load(preset.read_text())["trainer"].items():
+        assert printed["trainer"][key] == value
+    assert printed["model"]["backbone"]["init_args"]["depth"] == 110
+
+
+def test_command_line_overrides_switch_architecture_and_precision(cifar_root):
+    cli = ResNetLabCLI(
+        args=[
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--data.root",
+            str(cifar_root),
+            "--model.backbone.init_args.depth",
+            "56",
+            "--model.backbone.init_args.shortcut",
+            "B",
+            "--model.backbone.init_args.residual",
+            "false",
+            "--trainer.precision",
+            "bf16-mixed",
+        ],
+        run=False,
+    )
+    backbone = cli.model.backbone
+    assert (backbone.depth, backbone.shortcut, backbone.residual) == (56, "B", False)
+    assert len(backbone.layer1) == 9 and cli.trainer.precision == "bf16-mixed"
+    assert cli.datamodule.root == cifar_root
+
+
+def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_root, tmp_path):
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--data.root",
+            str(cifar_root),
+            "--data.val_size",
+            "50",
+            "--data.batch_size",
+            "16",
+            "--data.num_workers",
+            "0",
+            "--trainer.max_steps",
+            "6",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.log_every_n_steps",
+            "1",
+            *QUIET,
+        ]
+    )
+    run = tmp_path / "logs" / "resnet20_cifar" / "version_0"
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "checkpoints").glob("best-step*.ckpt"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["backbone"]["init_args"]["depth"] == 20 and saved["trainer"]["max_steps"] == 6
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_step", "train/err_top1", "val/err_top1", "val/err_top5", "lr-SGD"} <= tags
+    assert [e.step for e in events.Scalars("train/loss_step")] == [0, 1, 2, 3, 4, 5]
+
+    model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert model.backbone.depth == 20 and model.backbone.shortcut == "A"
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(model.state_dict()["backbone.fc.weight"], state["backbone.fc.weight"])
+
+    main(
+        [
+            "test",
+            "--config",
+            str(run / "config.yaml"),
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.limit_test_batches",
+            "2",
+            *QUIET,
+        ]
+    )
+    # The saved config names its run, so the test run lands beside the training run.
+    assert (tmp_path / "logs" / "resnet20_cifar" / "version_1").is_dir()
+
+
+def test_a_run_ending_mid_epoch_validates_its_final_model(cifar_root, tmp_path):
+    # 5 iterations of 3-batch epochs: the last one ends mid-epoch, as the paper's 64k iterations do.
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--data.root",
+            str(cifar_root),
+            "--data.val_size",
+            "50",
+            "--data.batch_size",
+            "16",
+            "--data.num_workers",
+            "0",
+            "--trainer.max_steps",
+            "5",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+            "--checkpoint.save_top_k",
+            "-1",
+            *QUIET,
+        ]
+    )
+    checkpoints = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("best-*")) == ["best-step3.ckpt", "best-step5.ckpt"]
+
+
+def test_demo_config_fits(tmp_path):
+    main(["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), "--trainer.fast_dev_run", "2", *QUIET])
+
+
+def test_bad_inputs_exit_with_one_clear_line(cifar_root, tmp_path):
+    with pytest.raises(SystemExit, match="error: CIFAR ResNet depth must be 6n\\+2.*got 21; nearest valid: 20 or 26"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "resnet20_cifar.yaml"),
+                "--data.root",
+                str(cifar_root),
+                "--model.backbone.init_args.depth",
+                "21",
+            ]
+        )
+    with pytest.raises(SystemExit, match="error: no CIFAR10 found: looked for .*missing/cifar-10-batches-py"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "resnet20_cifar.yaml"),
+                "--data.root",
+                str(tmp_path / "missing"),
+                "--data.download",
+                "false",
+                *QUIET,
+            ]
+        )
+
+
+def test_bad_input_from_the_real_command_line_prints_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            "fit",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--model.backbone.init_args.shortcut",
+            "D",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Expected a typing.Literal['A', 'B', 'C']. Got value: D" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_paper_recipe_learns_real_cifar10(shared_data, tmp_path):
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--data.root",
+            str(shared_data),
+            "--trainer.max_steps",
+            "80",
+            "--trainer.limit_val_batches",
+            "10",
+            "--trainer.val_check_interval",
+            "80",
+            *QUIET,
+        ]
+    )
+    last = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt"
+    metrics = torch.load(last, weights_only=False)["callbacks"]
+    best = next(v for k, v in metrics.items() if k.startswith("ModelCheckpoint"))["best_model_score"]
+    assert best < 80.0  # validation top-1 error after 80 iterations; chance is 90%

@@ -1,0 +1,176 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_cifar_batch
+from resnet_lab.data import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule, SyntheticDataModule
+from resnet_lab.data.base import split_indices
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
+
+
+def make_cifar(root, **kwargs) -> CIFAR10DataModule:
+    dm = CIFAR10DataModule(root=str(root), batch_size=8, num_workers=0, download=False, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_cifar_split_is_fixed_disjoint_and_complete(cifar_root):
+    dm = make_cifar(cifar_root, val_size=50)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (150, 50, 40)
+    train_idx, val_idx = split_indices(200, 50, seed=0)
+    assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
+    assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(200))
+    assert torch.equal(split_indices(200, 50, seed=0)[1], val_idx)
+    assert not torch.equal(split_indices(200, 50, seed=1)[1], val_idx)
+    # The validation images are exactly the held-out training images, in file order.
+    images = np.concatenate([_read(cifar_root, i) for i in range(1, 6)])
+    assert torch.equal(dm.val_set.images, torch.from_numpy(images)[val_idx])
+
+
+def _read(root, i):
+    import pickle
+
+    with open(root / "cifar-10-batches-py" / f"data_batch_{i}", "rb") as f:
+        return pickle.load(f, encoding="bytes")[b"data"].reshape(-1, 3, 32, 32)
+
+
+def test_cifar_pixel_mean_comes_from_the_train_split(cifar_root):
+    dm = make_cifar(cifar_root, val_size=50)
+    normalize = dm.train_set.transform.transforms[-1]
+    expected = dm.train_set.images.float().div(255).mean(0)
+    torch.testing.assert_close(normalize.mean, expected)
+    # Evaluation applies only the mean subtraction: every validation image is recovered exactly.
+    image, label = dm.val_set[3]
+    torch.testing.assert_close(image + expected, dm.val_set.images[3].float() / 255)
+    assert label == dm.val_set.labels[3]
+    channel = make_cifar(cifar_root, val_size=50, normalization="channel")
+    x, _ = next(iter(channel.val_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_cifar_augmentation_is_pad_crop_flip(cifar_root):
+    dm = make_cifar(cifar_root, val_size=50)
+    torch.manual_seed(0)
+    source = dm.train_set.images[0].float() / 255 - dm.train_set.transform.transforms[-1].mean
+    padded = torch.nn.functional.pad(dm.train_set.images[0].float() / 255, (4, 4, 4, 4))
+    seen_shift, seen_flip = set(), False
+    for _ in range(40):
+        out, _ = dm.train_set[0]
+        assert out.shape == (3, 32, 32)
+        raw = out + dm.train_set.transform.transforms[-1].mean
+        # Each output is a 32x32 window of the 4-pixel-padded image, possibly mirrored.
+        for flip in (False, True):
+            candidate = raw.flip(-1) if flip else raw
+            hits = [
+                (dy, dx)
+                for dy in range(9)
+                for dx in range(9)
+                if torch.allclose(padded[:, dy : dy + 32, dx : dx + 32], candidate, atol=1e-6)
+            ]
+            if hits:
+                seen_shift.add(hits[0])
+                seen_flip |= flip
+                break
+        else:
+            pytest.fail("augmented image is not a crop of the padded image")
+    assert len(seen_shift) > 5 and seen_flip
+    assert source.shape == (3, 32, 32)
+
+
+def test_cifar_loaders_keep_the_batch_size(cifar_root):
+    dm = make_cifar(cifar_root, val_size=50)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8,) and y.dtype == torch.int64
+    assert len(dm.train_dataloader()) == 150 // 8
+
+
+def test_cifar_val_size_zero_validates_on_the_test_set(cifar_root):
+    dm = make_cifar(cifar_root, val_size=0)
+    assert len(dm.train_set) == 200 and dm.val_set is dm.test_set
+
+
+def test_missing_cifar_folder_says_where_it_looked(tmp_path):
+    dm = CIFAR10DataModule(root=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(DatasetNotFoundError, match=r"looked for .*nowhere/cifar-10-batches-py.*--data.root"):
+        dm.prepare_data()
+
+
+def test_root_defaults_to_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_LAB_DATA", str(tmp_path))
+    assert CIFAR10DataModule().data_dir == tmp_path / "cifar-10-batches-py"
+
+
+def test_truncated_batch_names_the_file(cifar_root):
+    path = cifar_root / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR batch"):
+        make_cifar(cifar_root, val_size=50)
+
+
+def test_wrong_shapes_and_labels_are_rejected(cifar_root):
+    folder = cifar_root / "cifar-10-batches-py"
+    write_cifar_batch(folder / "test_batch", np.zeros((4, 3, 32, 32), np.uint8), [0, 1, 2, 10])
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 10\), found 0..10"):
+        make_cifar(cifar_root, val_size=50)
+    write_cifar_batch(folder / "test_batch", np.zeros((4, 3, 16, 16), np.uint8), [0, 1, 2, 3])
+    with pytest.raises(DataError, match=r"expected data of shape \[N, 3072\]"):
+        make_cifar(cifar_root, val_size=50)
+
+
+def test_bad_split_size(cifar_root):
+    with pytest.raises(ConfigError, match="val_size must be in"):
+        make_cifar(cifar_root, val_size=500)
+
+
+def test_cifar100_reads_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 60), ("test", 20)):
+        labels = [int(x) for x in rng.integers(0, 100, n)]
+        write_cifar_batch(folder / name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), labels, b"fine_labels")
+    dm = CIFAR100DataModule(root=str(tmp_path), val_size=10, batch_size=4, num_workers=0, download=False)
+    dm.setup("fit")
+    assert dm.num_classes == 100 and len(dm.train_set) == 50 and int(dm.train_set.labels.max()) < 100
+
+
+def test_synthetic_data_is_deterministic_and_class_dependent():
+    a, b = SyntheticDataModule(train_size=64, val_size=16), SyntheticDataModule(train_size=64, val_size=16)
+    a.setup("fit"), b.setup("fit")
+    assert torch.equal(a.val_set.images, b.val_set.images)
+    assert len(a.train_set) == 64 and len(a.val_set) == len(a.test_set) == 16
+    x, y = next(iter(a.val_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and y.max() < 10
+
+
+def test_imagenet_folders_classes_and_transforms(imagenet_root):
+    dm = ImageNetDataModule(
+        root=str(imagenet_root), batch_size=2, crop_size=32, scale_range=(36, 48), val_resize=36, num_workers=0
+    )
+    assert dm.num_classes == 3 and dm.classes == ["n01440764", "n02102040", "n02979186"]
+    dm.setup("fit")
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 6
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    inception = ImageNetDataModule(
+        root=str(imagenet_root), train_augmentation="inception", crop_size=32, scale_range=(36, 48), num_workers=0
+    )
+    inception.setup("fit")
+    assert inception.train_set[0][0].shape == (3, 32, 32)
+
+
+def test_imagenet_bad_layout_shows_the_expected_one(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"expected <root>/train/<class>/<image>"):
+        ImageNetDataModule(root=str(tmp_path))
+
+
+def test_real_cifar10_loads_with_official_statistics(shared_data):
+    dm = CIFAR10DataModule(root=str(shared_data), batch_size=128, num_workers=0, download=False)
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (45000, 5000, 10000)
+    images = torch.cat([dm.train_set.images, dm.val_set.images]).float().div(255)
+    mean = images.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=1e-3, rtol=0)
+    counts = torch.bincount(torch.cat([dm.train_set.labels, dm.val_set.labels]), minlength=10)
+    assert counts.tolist() == [5000] * 10

@@ -1,0 +1,109 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from resnet_lab import CifarResNet, ImageClassifier
+from resnet_lab.data import SyntheticDataModule
+from resnet_lab.schedules import WarmupMultiStepLR
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_training_lowers_the_loss_and_logs_errors(tmp_path):
+    L.seed_everything(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    data = SyntheticDataModule(train_size=512, val_size=128, batch_size=32)
+    data.setup("fit")
+    images, labels = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        model.eval()
+        loss_before = torch.nn.functional.cross_entropy(model(images), labels)
+    model.train()
+    t = trainer(tmp_path, max_epochs=3)
+    t.fit(model, datamodule=data)
+    with torch.no_grad():
+        model.eval()
+        loss_after = torch.nn.functional.cross_entropy(model(images), labels)
+    assert loss_after < 0.6 * loss_before
+    metrics = t.callback_metrics
+    for key in (
+        "train/loss_step",
+        "train/loss_epoch",
+        "train/acc_top1",
+        "train/err_top5",
+        "train/acc_top1_epoch",
+        "val/loss",
+        "val/acc_top1",
+        "val/err_top1",
+        "val/acc_top5",
+        "val/err_top5",
+    ):
+        assert key in metrics, key
+    assert metrics["val/err_top1"].item() == pytest.approx(100 * (1 - metrics["val/acc_top1"].item()), abs=1e-4)
+
+
+def test_validation_error_equals_a_hand_count(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=sgd).eval()
+    x, y = torch.randn(50, 3, 32, 32), torch.randint(0, 6, (50,))
+    [result] = trainer(tmp_path).validate(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    with torch.no_grad():
+        logits = model(x)
+    top1 = (logits.argmax(1) == y).float().mean().item()
+    top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(1).float().mean().item()
+    assert result["val/err_top1"] == pytest.approx(100 * (1 - top1), abs=1e-4)
+    assert result["val/err_top5"] == pytest.approx(100 * (1 - top5), abs=1e-4)
+    assert result["val/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-3)
+
+
+def test_fewer_than_five_classes_reports_top1_only(tmp_path):
+    model = ImageClassifier(CifarResNet(8, num_classes=2))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    [result] = trainer(tmp_path).test(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    assert "test/err_top1" in result and "test/err_top5" not in result
+
+
+def test_warmup_multistep_schedule_values():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = WarmupMultiStepLR(opt, milestones=[5, 8], warmup_steps=3, warmup_factor=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01] * 3 + [0.1] * 2 + [0.01] * 3 + [0.001] * 2)
+
+
+def test_scheduler_steps_every_iteration_inside_fit(tmp_path):
+    def milestones(optimizer):
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 6], gamma=0.1)
+
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd, lr_scheduler=milestones, scheduler_interval="step")
+    data = SyntheticDataModule(train_size=64, val_size=16, batch_size=8)
+    trainer(tmp_path, max_steps=7, limit_val_batches=0).fit(model, datamodule=data)
+    # 7 optimizer steps in one epoch of 8 batches: an epoch-wise schedule would still be at 0.1.
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001)
+
+
+def test_predict_returns_probabilities(tmp_path):
+    model = ImageClassifier(CifarResNet(8))
+    x = torch.randn(6, 3, 32, 32)
+    [probs] = trainer(tmp_path).predict(model, DataLoader(TensorDataset(x), batch_size=6))
+    assert probs.shape == (6, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(6))
