@@ -16,6 +16,12 @@ PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+def cifar_args(cifar_root: Path, *extra: str) -> list[str]:
+    """The ResNet-20 experiment on the small on-disk CIFAR of `cifar_root`, quiet, plus `extra`."""
+    data = ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.batch_size", "16"]
+    return ["--config", str(CONFIGS / "resnet20_cifar.yaml"), *data, "--data.num_workers", "0", *QUIET, *extra]
+
+
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs write under ./logs
@@ -85,90 +91,51 @@ def test_command_line_overrides_switch_architecture_and_precision(cifar_root):
 
 
 def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_root, tmp_path):
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "resnet20_cifar.yaml"),
-            "--data.root",
-            str(cifar_root),
-            "--data.val_size",
-            "50",
-            "--data.batch_size",
-            "16",
-            "--data.num_workers",
-            "0",
-            "--trainer.max_steps",
-            "6",
-            "--trainer.limit_train_batches",
-            "3",
-            "--trainer.limit_val_batches",
-            "2",
-            "--trainer.log_every_n_steps",
-            "1",
-            *QUIET,
-        ]
-    )
+    steps = ["--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2"]
+    main(["fit", *cifar_args(cifar_root, *steps, "--trainer.log_every_n_steps", "1")])
     run = tmp_path / "logs" / "resnet20_cifar" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
-    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "checkpoints").glob("best-step*.ckpt"))
+    assert last.is_file() and list((run / "checkpoints").glob("best-step*.ckpt"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["backbone"]["init_args"]["depth"] == 20 and saved["trainer"]["max_steps"] == 6
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"train/loss_step", "train/err_top1", "val/err_top1", "val/err_top5", "lr-SGD"} <= tags
+    assert {"train/loss_step", "train/err_top1", "val/err_top1", "val/err_top5", "lr-SGD"} <= set(
+        events.Tags()["scalars"]
+    )
     assert [e.step for e in events.Scalars("train/loss_step")] == [0, 1, 2, 3, 4, 5]
 
-    model = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
+    model = ImageClassifier.load_from_checkpoint(last)
     assert model.backbone.depth == 20 and model.backbone.shortcut == "A"
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(last, weights_only=True)["state_dict"]
     torch.testing.assert_close(model.state_dict()["backbone.fc.weight"], state["backbone.fc.weight"])
 
-    main(
-        [
-            "test",
-            "--config",
-            str(run / "config.yaml"),
-            "--ckpt_path",
-            str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.limit_test_batches",
-            "2",
-            *QUIET,
-        ]
-    )
-    # The saved config names its run, so the test run lands beside the training run.
-    assert (tmp_path / "logs" / "resnet20_cifar" / "version_1").is_dir()
+    for subcommand in ("validate", "test", "predict"):
+        limits = ["--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"]
+        main(
+            [
+                subcommand,
+                "--config",
+                str(run / "config.yaml"),
+                "--ckpt_path",
+                str(last),
+                *QUIET,
+                *limits,
+                "--trainer.limit_predict_batches",
+                "1",
+            ]
+        )
+    # The saved config names its run, so later runs land beside the training run.
+    assert (tmp_path / "logs" / "resnet20_cifar" / "version_3").is_dir()
 
 
 def test_a_run_ending_mid_epoch_validates_its_final_model(cifar_root, tmp_path):
     # 5 iterations of 3-batch epochs: the last one ends mid-epoch, as the paper's 64k iterations do.
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "resnet20_cifar.yaml"),
-            "--data.root",
-            str(cifar_root),
-            "--data.val_size",
-            "50",
-            "--data.batch_size",
-            "16",
-            "--data.num_workers",
-            "0",
-            "--trainer.max_steps",
-            "5",
-            "--trainer.limit_train_batches",
-            "3",
-            "--trainer.limit_val_batches",
-            "1",
-            "--checkpoint.save_top_k",
-            "-1",
-            *QUIET,
-        ]
-    )
+    steps = ["--trainer.max_steps", "5", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1"]
+    main(["fit", *cifar_args(cifar_root, *steps, "--checkpoint.save_top_k", "-1")])
     checkpoints = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("best-*")) == ["best-step3.ckpt", "best-step5.ckpt"]
 
@@ -177,74 +144,40 @@ def test_demo_config_fits(tmp_path):
     main(["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), "--trainer.fast_dev_run", "2", *QUIET])
 
 
-def test_bad_inputs_exit_with_one_clear_line(cifar_root, tmp_path):
-    with pytest.raises(SystemExit, match="error: CIFAR ResNet depth must be 6n\\+2.*got 21; nearest valid: 20 or 26"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "resnet20_cifar.yaml"),
-                "--data.root",
-                str(cifar_root),
-                "--model.backbone.init_args.depth",
-                "21",
-            ]
-        )
+def test_bad_inputs_exit_with_one_clear_line(cifar_root, tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: no CIFAR10 found: looked for .*missing/cifar-10-batches-py"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "resnet20_cifar.yaml"),
-                "--data.root",
-                str(tmp_path / "missing"),
-                "--data.download",
-                "false",
-                *QUIET,
-            ]
-        )
+        main(["fit", *cifar_args(tmp_path / "missing", "--data.download", "false")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *cifar_args(cifar_root, "--model.backbone.init_args.shortcut", "D")])
+    assert exit_info.value.code == 2
+    assert "Expected a typing.Literal['A', 'B', 'C']. Got value: D" in capsys.readouterr().err
 
 
-def test_bad_input_from_the_real_command_line_prints_no_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+def test_bad_depth_from_the_real_command_line_prints_no_traceback(cifar_root, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
             str(REPO / "main.py"),
             "fit",
-            "--config",
-            str(CONFIGS / "resnet20_cifar.yaml"),
-            "--model.backbone.init_args.shortcut",
-            "D",
+            *cifar_args(cifar_root, "--model.backbone.init_args.depth", "21"),
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         cwd=tmp_path,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "Expected a typing.Literal['A', 'B', 'C']. Got value: D" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202...), got 21; "
+        "nearest valid: 20 or 26"
+    )
     assert "Traceback" not in result.stderr
 
 
 def test_paper_recipe_learns_real_cifar10(shared_data, tmp_path):
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "resnet20_cifar.yaml"),
-            "--data.root",
-            str(shared_data),
-            "--trainer.max_steps",
-            "80",
-            "--trainer.limit_val_batches",
-            "10",
-            "--trainer.val_check_interval",
-            "80",
-            *QUIET,
-        ]
-    )
+    steps = ["--trainer.max_steps", "80", "--trainer.limit_val_batches", "10"]
+    main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(shared_data), *steps, *QUIET])
     last = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt"
     metrics = torch.load(last, weights_only=False)["callbacks"]
     best = next(v for k, v in metrics.items() if k.startswith("ModelCheckpoint"))["best_model_score"]
