@@ -7,6 +7,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042")
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_key: bytes = b"labels") -> None:
@@ -36,13 +37,13 @@ def cifar_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def imagenet_root(tmp_path: Path) -> Path:
-    """A tiny ImageFolder tree of real JPEG files: 3 classes, 4 train and 2 val images each."""
+    """A tiny ImageFolder tree of real JPEG files: 6 ImageNet classes, 4 train and 2 val images each."""
     import torch
     from torchvision.io import write_jpeg
 
     g = torch.Generator().manual_seed(0)
     for split, count in (("train", 4), ("val", 2)):
-        for wnid in ("n01440764", "n02102040", "n02979186"):
+        for wnid in IMAGENETTE_WNIDS[:6]:
             folder = tmp_path / "imagenet" / split / wnid
             folder.mkdir(parents=True)
             for i in range(count):

@@ -9,6 +9,7 @@ import yaml
 
 from conftest import CONFIGS, REPO
 from resnet_lab import ImageClassifier
+from resnet_lab.callbacks import WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
 
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -52,7 +53,9 @@ def test_every_config_parses_and_instantiates(config, cifar_root, imagenet_root)
         assert scheduler.milestones == [32000, 48000] or list(scheduler.milestones) == [32000, 48000]
         assert cli.model.scheduler_interval == "step"
         warmup = getattr(scheduler, "warmup_steps", 0)
-        assert warmup == (400 if backbone.depth >= 110 else 0)
+        assert warmup == (None if backbone.depth >= 110 else 0)  # None: until the error is below 80%
+        switches = [c for c in cli.trainer.callbacks if isinstance(c, WarmupUntilTrainError)]
+        assert len(switches) == (1 if backbone.depth >= 110 else 0)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -103,10 +106,8 @@ def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_r
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run)).Reload()
-    assert {"train/loss_step", "train/err_top1", "val/err_top1", "val/err_top5", "lr-SGD"} <= set(
-        events.Tags()["scalars"]
-    )
-    assert [e.step for e in events.Scalars("train/loss_step")] == [0, 1, 2, 3, 4, 5]
+    assert {"train/loss", "train/err_top1", "val/err_top1", "val/err_top5", "lr-SGD"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
 
     model = ImageClassifier.load_from_checkpoint(last)
     assert model.backbone.depth == 20 and model.backbone.shortcut == "A"
@@ -163,7 +164,10 @@ def test_bad_depth_from_the_real_command_line_prints_no_traceback(cifar_root, tm
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+        },
         cwd=tmp_path,
         timeout=120,
     )

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import write_cifar_batch
-from resnet_lab.data import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule, SyntheticDataModule
+from resnet_lab.data import CIFAR10DataModule, CIFAR100DataModule, SyntheticDataModule
 from resnet_lab.data.base import split_indices
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -142,27 +142,6 @@ def test_synthetic_data_is_deterministic_and_class_dependent():
     assert len(a.train_set) == 64 and len(a.val_set) == len(a.test_set) == 16
     x, y = next(iter(a.val_dataloader()))
     assert x.shape == (16, 3, 32, 32) and y.max() < 10
-
-
-def test_imagenet_folders_classes_and_transforms(imagenet_root):
-    dm = ImageNetDataModule(
-        root=str(imagenet_root), batch_size=2, crop_size=32, scale_range=(36, 48), val_resize=36, num_workers=0
-    )
-    assert dm.num_classes == 3 and dm.classes == ["n01440764", "n02102040", "n02979186"]
-    dm.setup("fit")
-    assert len(dm.train_set) == 12 and len(dm.val_set) == 6
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
-    inception = ImageNetDataModule(
-        root=str(imagenet_root), train_augmentation="inception", crop_size=32, scale_range=(36, 48), num_workers=0
-    )
-    inception.setup("fit")
-    assert inception.train_set[0][0].shape == (3, 32, 32)
-
-
-def test_imagenet_bad_layout_shows_the_expected_one(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"expected <root>/train/<class>/<image>"):
-        ImageNetDataModule(root=str(tmp_path))
 
 
 def test_real_cifar10_loads_with_official_statistics(shared_data):

@@ -43,7 +43,7 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
     assert loss_after < 0.6 * loss_before
     metrics = t.callback_metrics
     for key in (
-        "train/loss_step",
+        "train/loss",
         "train/loss_epoch",
         "train/acc_top1",
         "train/err_top5",

@@ -1,8 +1,13 @@
-"""Callbacks the CLI adds to every run."""
+"""Callbacks of the paper's training protocol and of the run logs."""
 
+import time
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from resnet_lab.errors import ConfigError
 
 
 class ValidateAtMaxSteps(Callback):
@@ -17,3 +22,83 @@ class ValidateAtMaxSteps(Callback):
     ) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class WarmupUntilTrainError(Callback):
+    """End the warm-up of a `WarmupMultiStepLR` once the running training error falls below `threshold` percent.
+
+    The paper's ResNet-110 and 1202 "use 0.01 to warm up the training until the training error is below 80% (about
+    400 iterations), and then go back to 0.1" (Sec. 4.2). The running error is the mean top-1 error of the last
+    `window` iterations. The iteration of the switch is logged as `train/warmup_end_step`.
+
+    Args:
+        threshold: training top-1 error in percent below which the warm-up ends.
+        window: iterations in the running error.
+    """
+
+    def __init__(self, threshold: float = 80.0, window: int = 20) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.errors: list[float] = []
+
+    def _scheduler(self, trainer: Trainer):  # noqa: ANN202 - any scheduler with end_warmup()
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "end_warmup"):
+                return config.scheduler
+        raise ConfigError(
+            "WarmupUntilTrainError needs a scheduler with end_warmup(), e.g. resnet_lab.schedules.WarmupMultiStepLR "
+            "with warmup_steps: null"
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._scheduler(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        scheduler = self._scheduler(trainer)
+        if scheduler.warmup_end is not None:
+            return
+        # One host sync per iteration, only while warming up (a few hundred iterations).
+        self.errors = [*self.errors[-(self.window - 1) :], float(trainer.callback_metrics["train/err_top1"])]
+        running = sum(self.errors) / len(self.errors)
+        if len(self.errors) == self.window and running < self.threshold:
+            scheduler.end_warmup()
+            step = trainer.global_step
+            pl_module.log("train/warmup_end_step", float(step), on_step=True, on_epoch=False)
+            rank_zero_info(
+                f"warm-up ended at iteration {step}: running training error {running:.1f}% < {self.threshold}%"
+            )
+
+
+class SpeedMonitor(Callback):
+    """Log training images per second (`perf/images_per_s`), epoch time (`perf/epoch_time_s`) and, on a GPU, the
+    peak memory allocated (`perf/peak_memory_gb`).
+
+    Rates are wall time over `trainer.log_every_n_steps` iterations, so they need no per-step device sync.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.window_start = 0.0
+        self.epoch_start = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch_start = self.window_start = time.perf_counter()
+        self.images = 0
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.images += len(batch[1])
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            now = time.perf_counter()
+            rate = self.images * trainer.world_size / max(now - self.window_start, 1e-9)
+            pl_module.log("perf/images_per_s", rate, on_step=True, on_epoch=False)
+            if torch.cuda.is_available() and pl_module.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                pl_module.log("perf/peak_memory_gb", peak, on_step=True, on_epoch=False)
+            self.window_start, self.images = now, 0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("perf/epoch_time_s", time.perf_counter() - self.epoch_start, on_step=False, on_epoch=True)

@@ -8,12 +8,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from resnet_lab.callbacks import ValidateAtMaxSteps
+from resnet_lab.callbacks import SpeedMonitor, ValidateAtMaxSteps
 from resnet_lab.errors import UserError
 from resnet_lab.module import ImageClassifier
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# TensorBoard draws the network graph with torch.jit.trace, which torch >= 2.9 calls deprecated.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
 
 LOG_DIR = "logs"
 UNNAMED_RUN = "default"
@@ -21,8 +23,8 @@ UNNAMED_RUN = "default"
 
 class ResNetLabCLI(LightningCLI):
     """LightningCLI with the data module's class count linked into the backbone, best-on-validation and last
-    checkpoints, per-step learning-rate logging, a validation at the last step, and TensorBoard runs under
-    `logs/<first config's name>/`."""
+    checkpoints, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
+    (with hyperparameters and the network graph) under `logs/<first config's name>/`."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         super().__init__(
@@ -31,7 +33,7 @@ class ResNetLabCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [ValidateAtMaxSteps()]},
+            trainer_defaults={"callbacks": [ValidateAtMaxSteps(), SpeedMonitor()]},
             args=args,
             **kwargs,
         )
@@ -48,13 +50,24 @@ class ResNetLabCLI(LightningCLI):
                 "checkpoint.save_last": True,
             }
         )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: then test the final weights (the paper's protocol) and log test/* into the same run",
+        )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults(
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": LOG_DIR, "name": UNNAMED_RUN},
+                    "init_args": {
+                        "save_dir": LOG_DIR,
+                        "name": UNNAMED_RUN,
+                        "log_graph": True,
+                        "default_hp_metric": False,
+                    },
                 }
             }
         )
@@ -65,6 +78,10 @@ class ResNetLabCLI(LightningCLI):
         init_args = getattr(config.trainer.logger, "init_args", None)
         if config.get("config") and init_args is not None and init_args.get("name") == UNNAMED_RUN:
             init_args.name = Path(str(config.config[0])).stem
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 
 def main(args: ArgsType = None) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.errors import ConfigError
@@ -27,7 +27,9 @@ class ImageClassifier(L.LightningModule):
 
     Logs `{train,val,test}/loss`, `.../acc_top1`, `.../acc_top5` and the matching error in percent
     (`.../err_top1`, `.../err_top5`: the paper's tables are in error %). Training metrics are logged per
-    iteration (the paper plots against iterations) and per epoch; validation and test metrics per epoch.
+    iteration (the paper plots against iterations) and per epoch with an `_epoch` suffix; validation and test
+    metrics per epoch. Validation and test average the softmax over every view the data module gives an image
+    (one centre crop, ten crops, or several scales).
 
     Args:
         backbone: a network mapping images to logits, exposing `num_classes` (e.g. `CifarResNet`).
@@ -59,29 +61,55 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = _accuracy_metrics(num_classes)
         self.val_metrics = _accuracy_metrics(num_classes)
         self.test_metrics = _accuracy_metrics(num_classes)
+        self.train_loss = MeanMetric()  # the epoch mean, reduced over processes once per epoch
+
+    def setup(self, stage: str) -> None:
+        # An example input lets the model summary count FLOPs and TensorBoard draw the network graph.
+        size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
+        if size is not None:
+            self.example_input_array = torch.zeros(2, 3, size, size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def view_averaged_log_probs(self, images: Tensor | list[list[Tensor]]) -> Tensor:
+        """Log of the softmax averaged over every view of each image (the paper's 10-crop and multi-scale tests).
+
+        `images` is a batch [B, C, H, W] (one view each), [B, V, C, H, W] (V views of one size), or one list of
+        views per image when the views differ in size; each view runs through the net on its own size.
+        """
+        if isinstance(images, Tensor) and images.ndim == 4:
+            return self(images).log_softmax(dim=1)
+        if isinstance(images, Tensor):
+            batch, views = images.shape[:2]
+            probs = self(images.flatten(0, 1)).softmax(dim=1).view(batch, views, -1).mean(dim=1)
+        else:
+            probs = torch.stack([torch.cat([self(v[None]).softmax(dim=1) for v in views]).mean(0) for views in images])
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def _shared_step(self, batch: tuple[Tensor | list, Tensor], stage: str) -> Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
-        if on_step:
+        if stage == "train":
+            logits = self(images)
+            loss = F.cross_entropy(logits, labels)
+            self.train_loss.update(loss)
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
             # forward() updates the epoch state and returns this batch's value; logging a tensor does not sync.
             for name, acc in metrics(logits, labels).items():
-                self._log_accuracy(f"{stage}/{name}", acc, on_step=True)
-        else:
-            metrics.update(logits, labels)
+                self._log_accuracy(f"train/{name}", acc, on_step=True)
+            return loss
+        log_probs = self.view_averaged_log_probs(images)
+        loss = F.nll_loss(log_probs, labels)
+        metrics.update(log_probs, labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
         return loss
 
     def _log_accuracy(self, name: str, acc: Tensor, on_step: bool) -> None:
         prog_bar = name.endswith("top1") and not on_step
         for key, value in ((name, acc), (name.replace("acc_", "err_"), 100.0 * (1.0 - acc))):
-            self.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=prog_bar)
+            # Epoch values come from Metric.compute(), already reduced over processes: the sync is a no-op.
+            self.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=prog_bar, sync_dist=not on_step)
 
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
@@ -101,9 +129,11 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).softmax(dim=1)
+        return self.view_averaged_log_probs(images).exp()
 
     def on_train_epoch_end(self) -> None:
+        self.log("train/loss_epoch", self.train_loss.compute(), sync_dist=True)
+        self.train_loss.reset()
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:

@@ -8,17 +8,19 @@ from torch.optim.lr_scheduler import LRScheduler
 
 
 class WarmupMultiStepLR(LRScheduler):
-    """Step decay with a constant warm-up: lr x `warmup_factor` for the first `warmup_steps` steps, then the base
-    lr, multiplied by `gamma` at each milestone.
+    """Step decay with a constant warm-up: lr x `warmup_factor` during warm-up, then the base lr, multiplied by
+    `gamma` at each milestone.
 
-    The paper's ResNet-110 and 1202 start at 0.01 (factor 0.1 of 0.1) for about 400 iterations, then train at 0.1
-    with /10 at 32k and 48k iterations (Sec. 4.2). Milestones count from the first step, warm-up included.
+    The paper's ResNet-110 and 1202 start at 0.01 (factor 0.1 of 0.1) until the training error is below 80%
+    (about 400 iterations), then train at 0.1 with /10 at 32k and 48k iterations (Sec. 4.2). Warm-up lasts
+    `warmup_steps` steps, or with `warmup_steps: null` until `end_warmup()` is called, which the
+    `WarmupUntilTrainError` callback does. Milestones count from the first step, warm-up included.
 
     Args:
         optimizer: the wrapped optimizer.
         milestones: steps at which the lr is multiplied by `gamma`.
         gamma: decay factor.
-        warmup_steps: steps at the reduced lr.
+        warmup_steps: steps at the reduced lr; None: until `end_warmup()`.
         warmup_factor: multiplier of the base lr during warm-up.
         last_epoch: index of the last step, -1 to start.
     """
@@ -28,7 +30,7 @@ class WarmupMultiStepLR(LRScheduler):
         optimizer: Optimizer,
         milestones: Sequence[int],
         gamma: float = 0.1,
-        warmup_steps: int = 0,
+        warmup_steps: int | None = 0,
         warmup_factor: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
@@ -36,11 +38,21 @@ class WarmupMultiStepLR(LRScheduler):
         self.gamma = gamma
         self.warmup_steps = warmup_steps
         self.warmup_factor = warmup_factor
+        self.warmup_end: int | None = warmup_steps  # saved in state_dict(), so a resumed run keeps its switch
         super().__init__(optimizer, last_epoch)
+
+    def end_warmup(self) -> None:
+        """End the warm-up now: the next optimizer step already uses the base lr."""
+        if self.warmup_end is None:
+            self.warmup_end = self.last_epoch
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+                group["lr"] = lr
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def factor(self, step: int) -> float:
         decay = self.gamma ** bisect_right(self.milestones, step)
-        return decay * (self.warmup_factor if step < self.warmup_steps else 1.0)
+        warming = self.warmup_end is None or step < self.warmup_end
+        return decay * (self.warmup_factor if warming else 1.0)
 
     def get_lr(self) -> list[float]:
         return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]

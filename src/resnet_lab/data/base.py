@@ -1,6 +1,7 @@
 """What every data module here shares: where data lives, in-memory image datasets, and the loaders."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -90,6 +91,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     num_classes: int
+    input_size: int  # height and width of the training images
 
     def __init__(self, batch_size: int, num_workers: int | None) -> None:
         super().__init__()
@@ -101,6 +103,10 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def eval_collate_fn(self) -> Callable | None:
+        """How evaluation samples form a batch; None stacks them."""
+        return None
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
@@ -109,6 +115,7 @@ class ClassificationDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,
+            collate_fn=None if train else self.eval_collate_fn(),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

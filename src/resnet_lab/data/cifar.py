@@ -12,6 +12,7 @@ from torchvision import datasets
 from resnet_lab.data.base import (
     DATA_ENV,
     ClassificationDataModule,
+    Standardize,
     TensorImageDataset,
     crop_flip_transform,
     eval_transform,
@@ -19,7 +20,8 @@ from resnet_lab.data.base import (
     resolve_root,
     split_indices,
 )
-from resnet_lab.errors import DataError, DatasetNotFoundError
+from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 
 def load_cifar_batches(
@@ -69,10 +71,13 @@ class CIFAR10DataModule(ClassificationDataModule):
             50k and validates on the test set, as the most widely used public reimplementation does.
         split_seed: seed of the fixed train / validation split.
         normalization: "pixel_mean" subtracts the per-pixel mean image of the train split (the paper);
-            "channel" subtracts the per-channel mean and divides by the per-channel std.
+            "channel" subtracts the per-channel mean and divides by the per-channel std of the train split;
+            "imagenet" uses the fixed ImageNet mean and std, as the published option-A CIFAR weights expect.
         augment: pad 4 + random 32x32 crop + horizontal flip on training images.
         num_workers: loader processes; None follows the machine.
         download: fetch the dataset with torchvision when the folder is missing.
+        test_range: [start, stop) of the test images to use; None: all. (A re-packed test set whose later
+            images are lossy copies can be restricted to its exact ones.)
     """
 
     folder = "cifar-10-batches-py"
@@ -80,6 +85,7 @@ class CIFAR10DataModule(ClassificationDataModule):
     test_files = ("test_batch",)
     label_key = b"labels"
     num_classes = 10
+    input_size = 32
     torchvision_class = datasets.CIFAR10
 
     def __init__(
@@ -88,10 +94,11 @@ class CIFAR10DataModule(ClassificationDataModule):
         batch_size: int = 128,
         val_size: int = 5000,
         split_seed: int = 0,
-        normalization: Literal["pixel_mean", "channel"] = "pixel_mean",
+        normalization: Literal["pixel_mean", "channel", "imagenet"] = "pixel_mean",
         augment: bool = True,
         num_workers: int | None = None,
         download: bool = True,
+        test_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.root = resolve_root(root)
@@ -100,6 +107,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.normalization = normalization
         self.augment = augment
         self.download = download
+        self.test_range = test_range
 
     @property
     def data_dir(self) -> Path:
@@ -120,10 +128,20 @@ class CIFAR10DataModule(ClassificationDataModule):
             self.prepare_data()
         images, labels = load_cifar_batches(self.data_dir, self.train_files, self.label_key, self.num_classes)
         train_idx, val_idx = split_indices(len(labels), self.val_size, self.split_seed)
-        normalize = fit_standardize(images[train_idx], per_pixel=self.normalization == "pixel_mean")
+        if self.normalization == "imagenet":
+            normalize = Standardize(
+                torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+            )
+        else:
+            normalize = fit_standardize(images[train_idx], per_pixel=self.normalization == "pixel_mean")
         train_tf = crop_flip_transform(32, 4, normalize) if self.augment else eval_transform(normalize)
         self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
         test_images, test_labels = load_cifar_batches(self.data_dir, self.test_files, self.label_key, self.num_classes)
+        if self.test_range is not None:
+            start, stop = self.test_range
+            if not 0 <= start < stop <= len(test_labels):
+                raise ConfigError(f"test_range {list(self.test_range)} must lie within [0, {len(test_labels)}]")
+            test_images, test_labels = test_images[start:stop], test_labels[start:stop]
         self.test_set = TensorImageDataset(test_images, test_labels, eval_transform(normalize))
         if self.val_size:
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_transform(normalize))

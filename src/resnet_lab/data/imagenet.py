@@ -1,5 +1,11 @@
-"""ImageNet, or any ImageFolder-layout subset of it, with the paper's training augmentation (Sec. 3.4)."""
+"""ImageNet, or any ImageFolder-layout subset of it: the paper's augmentation and test modes (Sec. 3.4)."""
 
+import logging
+import multiprocessing
+import warnings
+from collections.abc import Callable
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -8,26 +14,44 @@ from torch import Tensor, nn
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.data.base import ClassificationDataModule, resolve_root
-from resnet_lab.errors import ConfigError, DatasetNotFoundError
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Principal components of ImageNet RGB pixels, as used by AlexNet's colour augmentation (fb.resnet.torch values).
+# Principal components of ImageNet RGB pixels for AlexNet's colour augmentation (the values fb.resnet.torch uses).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+PAPER_TEST_SCALES = (224, 256, 384, 480, 640)
 
-LAYOUT_HELP = "expected <root>/train/<class>/<image> and <root>/val/<class>/<image> (ImageFolder layout)"
+LAYOUT_HELP = (
+    "expected <root>/train/<wnid>/<image> and <root>/val/<wnid>/<image> (ImageFolder layout; for the official "
+    "ILSVRC validation folder run `python -m resnet_lab.data.ilsvrc_val` first)"
+)
+EvalMode = Literal["center", "ten_crop", "multi_scale"]
+
+
+@cache
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> human-readable name for the 1000 ImageNet-1k classes, in class-index order."""
+    text = files("resnet_lab.data").joinpath("imagenet_synsets.txt").read_text()
+    return dict(line.split(" ", 1) for line in text.splitlines() if line.strip())
 
 
 def read_rgb(path: str) -> Tensor:
-    """Decode any JPEG/PNG, grayscale included, to a uint8 RGB tensor [3, H, W]."""
-    return decode_image(path, mode=ImageReadMode.RGB)
+    """Decode a JPEG/PNG, grayscale included, to uint8 RGB [3, H, W]."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 points to TorchCodec for decoding; its own decoder is still the one that ships.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(path, mode=ImageReadMode.RGB)
 
 
 class PCALighting(nn.Module):
-    """AlexNet's colour augmentation: add eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, std)."""
+    """AlexNet's colour augmentation: add eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, std^2)."""
 
     def __init__(self, std: float = 0.1) -> None:
         super().__init__()
@@ -36,10 +60,78 @@ class PCALighting(nn.Module):
         self.register_buffer("eigvec", torch.tensor(PCA_EIGVEC))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.std == 0:
-            return x
         alpha = torch.randn(3) * self.std
         return x + (self.eigvec @ (alpha * self.eigval))[:, None, None]
+
+
+class TenCropViews(nn.Module):
+    """The 4 corner and the centre crops of an image and of its mirror image, stacked: [10, C, size, size]."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: Tensor) -> Tensor:
+        return torch.stack(TF.ten_crop(image, [self.size, self.size]))
+
+
+class MultiScaleViews(nn.Module):
+    """The whole image with its shorter side at each scale, and the mirror of each: a list of 2 x len(scales)."""
+
+    def __init__(self, scales: tuple[int, ...]) -> None:
+        super().__init__()
+        self.scales = scales
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        views = []
+        for scale in self.scales:
+            resized = TF.resize(image, [scale], antialias=True)
+            views += [resized, TF.horizontal_flip(resized)]
+        return views
+
+
+class EachView(nn.Module):
+    """Apply a transform to every tensor of a list (views of different sizes cannot be stacked)."""
+
+    def __init__(self, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, views: list[Tensor]) -> list[Tensor]:
+        return [self.transform(view) for view in views]
+
+
+def collate_view_lists(batch: list[tuple[list[Tensor], int]]) -> tuple[list[list[Tensor]], Tensor]:
+    return [views for views, _ in batch], torch.tensor([label for _, label in batch])
+
+
+class ImageFolderDataset(ImageFolder):
+    """ImageFolder that names an unreadable image, or with `skip_corrupt` replaces it by the next one and counts it.
+
+    The count lives in shared memory so that skips in DataLoader worker processes add up.
+    """
+
+    def __init__(self, root: str, transform: nn.Module, skip_corrupt: bool = False) -> None:
+        super().__init__(root, transform=transform, loader=read_rgb)
+        self.skip_corrupt = skip_corrupt
+        self.skipped = multiprocessing.Value("l", 0)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = read_rgb(path)
+            except (RuntimeError, ValueError, OSError) as err:
+                if not self.skip_corrupt:
+                    raise DataError(
+                        f"cannot decode image {path} ({err}); replace or delete it, or set --data.skip_corrupt true"
+                    ) from err
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                warnings.warn(f"skipped unreadable image {path}", stacklevel=1)
+                continue
+            return self.transform(image), target
+        raise DataError(f"no image under {self.root} could be decoded")
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -52,17 +144,22 @@ def class_folders(split_dir: Path) -> list[str]:
 
 
 class ImageNetDataModule(ClassificationDataModule):
-    """ImageNet-1k or any ImageFolder-layout subset (e.g. Imagenette); classes follow the folders.
+    """ImageNet-1k or any ImageFolder-layout subset (e.g. Imagenette); the classes follow the folders.
 
     Args:
         root: folder holding `train/` and `val/`; default `$RESNET_LAB_DATA/imagenet`, else `./data/imagenet`.
         batch_size: per device (the paper's 256 is the global batch).
         train_augmentation: "paper": shorter side resized to a random size in `scale_range`, random crop, flip,
-            PCA colour noise (Sec. 3.4); "inception": RandomResizedCrop with `area_range` + flip.
-        crop_size: training and validation crop (224 in the paper; smaller makes research runs cheaper).
+            PCA colour noise (Sec. 3.4); "inception": RandomResizedCrop over `area_range` + flip.
+        crop_size: training and evaluation crop (224 in the paper; smaller makes research runs cheaper).
         scale_range: shorter-side range of the "paper" augmentation.
         area_range: crop-area range of the "inception" augmentation.
-        val_resize: shorter side of validation images before the centre crop.
+        val_resize: shorter side before the centre crop or the ten crops.
+        eval_mode: how `validate` and `test` view each image: "center" (one centre crop), "ten_crop" (4 corners
+            + centre and their flips, softmax averaged; Tables 2-3), "multi_scale" (the whole image fully
+            convolutionally at each of `test_scales` and flipped, softmax averaged; Table 4).
+        test_scales: shorter sides of the "multi_scale" mode.
+        skip_corrupt: replace unreadable images by the next readable one and report how many, instead of stopping.
         num_workers: decoding processes; None follows the machine.
     """
 
@@ -75,62 +172,70 @@ class ImageNetDataModule(ClassificationDataModule):
         scale_range: tuple[int, int] = (256, 480),
         area_range: tuple[float, float] = (0.08, 1.0),
         val_resize: int = 256,
+        eval_mode: EvalMode = "center",
+        test_scales: tuple[int, ...] = PAPER_TEST_SCALES,
+        skip_corrupt: bool = False,
         num_workers: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         if not scale_range[0] <= scale_range[1] or scale_range[0] < crop_size:
             raise ConfigError(f"scale_range {scale_range} must be increasing and start at >= crop_size {crop_size}")
-        self.root = resolve_root(root) if root is not None else resolve_root(None) / "imagenet"
+        if val_resize < crop_size:
+            raise ConfigError(f"val_resize {val_resize} must be at least crop_size {crop_size}")
+        self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
         self.classes = class_folders(self.root / "train")
         self.num_classes = len(self.classes)
+        names = imagenet_class_names()
+        self.class_names = [names.get(wnid, wnid) for wnid in self.classes]
         self.train_augmentation = train_augmentation
-        self.crop_size = crop_size
+        self.crop_size = self.input_size = crop_size
         self.scale_range = scale_range
         self.area_range = area_range
         self.val_resize = val_resize
+        self.eval_mode = eval_mode
+        self.test_scales = tuple(test_scales)
+        self.skip_corrupt = skip_corrupt
 
     def train_transform(self) -> v2.Compose:
-        normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        to_float = v2.ToDtype(torch.float32, scale=True)
+        to_float = [v2.ToDtype(torch.float32, scale=True)]
+        normalize = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         if self.train_augmentation == "paper":
             low, high = self.scale_range
-            return v2.Compose(
-                [
-                    v2.RandomShortestSize(list(range(low, high + 1)), antialias=True),
-                    v2.RandomCrop(self.crop_size),
-                    v2.RandomHorizontalFlip(),
-                    to_float,
-                    PCALighting(0.1),
-                    normalize,
-                ]
-            )
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(self.crop_size, scale=self.area_range, antialias=True),
-                v2.RandomHorizontalFlip(),
-                to_float,
-                normalize,
+            resize_crop = [
+                v2.RandomShortestSize(list(range(low, high + 1)), antialias=True),
+                v2.RandomCrop(self.crop_size),
             ]
-        )
+            return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *to_float, PCALighting(0.1), *normalize])
+        resize_crop = [v2.RandomResizedCrop(self.crop_size, scale=self.area_range, antialias=True)]
+        return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *to_float, *normalize])
 
-    def val_transform(self) -> v2.Compose:
-        return v2.Compose(
-            [
-                v2.Resize(self.val_resize, antialias=True),
-                v2.CenterCrop(self.crop_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+    def eval_transform(self) -> v2.Compose:
+        to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if self.eval_mode == "multi_scale":
+            return v2.Compose([MultiScaleViews(self.test_scales), EachView(to_input)])
+        crop = TenCropViews(self.crop_size) if self.eval_mode == "ten_crop" else v2.CenterCrop(self.crop_size)
+        return v2.Compose([v2.Resize(self.val_resize, antialias=True), crop, to_input])
 
-    def _folder(self, split: str, transform: v2.Compose) -> ImageFolder:
+    def _folder(self, split: str, transform: nn.Module) -> ImageFolderDataset:
         split_dir = self.root / split
         if class_folders(split_dir) != self.classes:
             raise DatasetNotFoundError(f"{split_dir} must hold the same class folders as {self.root / 'train'}")
-        return ImageFolder(str(split_dir), transform=transform, loader=read_rgb)
+        return ImageFolderDataset(str(split_dir), transform, self.skip_corrupt)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = self._folder("train", self.train_transform())
         # The ILSVRC validation set doubles as the test set: the paper's tables report it.
-        self.val_set = self.test_set = self._folder("val", self.val_transform())
+        self.val_set = self.test_set = self._folder("val", self.eval_transform())
+
+    def eval_collate_fn(self) -> Callable | None:
+        # Whole images at several scales differ in size: such batches are lists, one list of views per image.
+        return collate_view_lists if self.eval_mode == "multi_scale" else None
+
+    @property
+    def skipped_images(self) -> int:
+        return sum(d.skipped.value for d in (self.train_set, self.val_set) if d is not None)
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped_images:
+            log.warning("skipped %d unreadable images under %s (skip_corrupt=True)", self.skipped_images, self.root)

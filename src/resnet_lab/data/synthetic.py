@@ -54,7 +54,7 @@ class SyntheticDataModule(ClassificationDataModule):
         if num_classes < 2 or train_size < 1 or val_size < 1:
             raise ConfigError("SyntheticDataModule needs num_classes >= 2, train_size >= 1 and val_size >= 1")
         self.num_classes = num_classes
-        self.image_size = image_size
+        self.image_size = self.input_size = image_size
         self.train_size = train_size
         self.val_size = val_size
         self.seed = seed

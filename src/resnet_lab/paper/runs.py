@@ -1,0 +1,94 @@
+"""Finished runs on disk (`logs/<experiment>/<version>/` folders with a config.yaml and TensorBoard events), and
+how the reproduction commands write their figures and tables."""
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from resnet_lab.errors import DatasetNotFoundError
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def experiment(self) -> str:
+        return self.path.parent.name
+
+    @cached_property
+    def config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def datamodule(self, root: str | None = None) -> LightningDataModule:
+        """The run's data module, as its config built it (optionally with another data folder)."""
+        data = self.config["data"]
+        init_args = {**data.get("init_args", {}), **({"root": root} if root else {})}
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_subclass_arguments(LightningDataModule, "data")
+        config = parser.parse_object({"data": {"class_path": data["class_path"], "init_args": init_args}})
+        return parser.instantiate_classes(config).data
+
+    @property
+    def backbone(self) -> dict:
+        backbone = self.config["model"]["backbone"]
+        return {"class": backbone["class_path"].rsplit(".", 1)[-1], **backbone.get("init_args", {})}
+
+    @cached_property
+    def _events(self) -> EventAccumulator:
+        return EventAccumulator(str(self.path), size_guidance={"scalars": 0}).Reload()  # 0: keep every point
+
+    def scalars(self, tag: str) -> list[tuple[int, float]]:
+        """(step, value) of every point logged under `tag`, in order; empty if never logged."""
+        if tag not in self._events.Tags()["scalars"]:
+            return []
+        return [(event.step, event.value) for event in self._events.Scalars(tag)]
+
+    def last(self, tag: str) -> float | None:
+        points = self.scalars(tag)
+        return points[-1][1] if points else None
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run folder at or directly below each path (an experiment folder holds one run per version or seed)."""
+    runs = []
+    for path in paths:
+        if (path / "config.yaml").is_file():
+            runs.append(Run(path))
+            continue
+        found = sorted(p for p in path.glob("*") if (p / "config.yaml").is_file()) if path.is_dir() else []
+        if not found:
+            raise DatasetNotFoundError(f"no run folder (one holding config.yaml and TensorBoard events) at {path}")
+        runs.extend(Run(p) for p in found)
+    return runs
+
+
+def save_figure(fig: Figure, out: Path) -> Path:
+    """`out`.png, and the same figure in TensorBoard under `out`'s folder (`tensorboard --logdir <folder>`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    with SummaryWriter(str(out.parent / "tensorboard")) as writer:
+        writer.add_figure(out.stem, fig, close=False)
+    return png
+
+
+def write_csv(out: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    path = out.with_suffix(".csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path

@@ -1,0 +1,104 @@
+"""Tables 2, 3 and 6: finished runs gathered into a Markdown table beside the paper's numbers.
+
+Each experiment folder (`logs/<config>/`) is one row; its runs (one per seed) give the mean +/- std and the best
+of their final `test/err_top1` (and `test/err_top5` where logged), which `--test_after_fit true` or a later
+`python main.py test` writes.
+"""
+
+import statistics
+from pathlib import Path
+
+import torch
+
+from resnet_lab.paper.runs import Run
+
+# (backbone class, depth, residual, shortcut) -> (top-1, top-5) test error %; None where the paper gives none.
+PAPER_ERRORS: dict[tuple[str, int, bool, str], tuple[float, float | None]] = {
+    # Table 6, CIFAR-10 (option A); ResNet-110 is the paper's best of 5 runs (mean 6.61 +/- 0.16).
+    **{
+        ("CifarResNet", d, True, "A"): (e, None)
+        for d, e in {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}.items()
+    },
+    # Tables 2 and 3, ImageNet validation, 10-crop.
+    ("ImageNetResNet", 18, False, "A"): (27.94, None),
+    ("ImageNetResNet", 34, False, "A"): (28.54, 10.02),
+    ("ImageNetResNet", 18, True, "A"): (27.88, None),
+    ("ImageNetResNet", 34, True, "A"): (25.03, 7.76),
+    ("ImageNetResNet", 34, True, "B"): (24.52, 7.46),
+    ("ImageNetResNet", 34, True, "C"): (24.19, 7.40),
+    ("ImageNetResNet", 50, True, "B"): (22.85, 6.71),
+    ("ImageNetResNet", 101, True, "B"): (21.75, 6.05),
+    ("ImageNetResNet", 152, True, "B"): (21.43, 5.71),
+}
+
+
+def paper_errors(backbone: dict) -> tuple[float, float | None] | None:
+    residual = backbone.get("residual", True)
+    shortcut = backbone.get("shortcut", "A" if backbone["class"] == "CifarResNet" else "B")
+    # Plain nets have no shortcuts: the option is irrelevant to them.
+    return PAPER_ERRORS.get((backbone["class"], backbone.get("depth"), residual, shortcut if residual else "A"))
+
+
+def count_parameters(run: Run) -> int | None:
+    """Learnable parameters of the run's network, read from its last checkpoint (BN running statistics excluded)."""
+    checkpoints = sorted((run.path / "checkpoints").glob("last*.ckpt"))
+    if not checkpoints:
+        return None
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(v.numel() for k, v in state.items() if k.startswith("backbone.") and not k.endswith(buffers))
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
+def results_table(runs: list[Run]) -> str:
+    """One Markdown row per experiment: model, parameters, our top-1 (and top-5) error, best, runs, the paper's."""
+    experiments: dict[str, list[Run]] = {}
+    for run in runs:
+        experiments.setdefault(run.experiment, []).append(run)
+    header = [
+        "experiment",
+        "model",
+        "params",
+        "top-1 err. % (mean ± std)",
+        "best",
+        "top-5 err. %",
+        "runs",
+        "paper top-1",
+        "paper top-5",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, group in experiments.items():
+        finished = [r for r in group if r.last("test/err_top1") is not None]
+        top1 = [r.last("test/err_top1") for r in finished]
+        top5 = [v for v in (r.last("test/err_top5") for r in finished) if v is not None]
+        backbone = group[0].backbone
+        kind = "ResNet" if backbone.get("residual", True) else "plain"
+        shortcut = f" ({backbone.get('shortcut', '?')})" if backbone.get("residual", True) else ""
+        params = count_parameters(group[0])
+        paper = paper_errors(backbone)
+        cells = [
+            name,
+            f"{kind}-{backbone.get('depth', '?')}{shortcut}",
+            f"{params / 1e6:.2f}M" if params else "",
+            _mean_std(top1),
+            f"{min(top1):.2f}" if top1 else "",
+            _mean_std(top5),
+            f"{len(finished)}" + (f" (+{len(group) - len(finished)} untested)" if len(finished) < len(group) else ""),
+            f"{paper[0]:.2f}" if paper else "",
+            f"{paper[1]:.2f}" if paper and paper[1] is not None else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(runs: list[Run], out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".md")
+    path.write_text(results_table(runs))
+    return path

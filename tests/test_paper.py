@@ -1,0 +1,278 @@
+"""The reproduction commands (`python -m resnet_lab.paper ...`) on tiny real runs."""
+
+import csv
+import statistics
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import CONFIGS
+from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
+from resnet_lab.errors import DataError
+from resnet_lab.paper.__main__ import main as paper
+from resnet_lab.paper.responses import LayerResponseMonitor, layer_response_std, responses_of_3x3_layers
+from resnet_lab.paper.runs import Run, find_runs
+from resnet_lab.paper.weights import import_cifar_checkpoint, load_torchvision_weights
+
+TINY = ["--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
+        "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.log_graph", "false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory) -> Path:
+    """plain-20 and ResNet-20, two seeds each, fit + test on a small on-disk CIFAR, as `seeds` runs them."""
+    from conftest import write_cifar_batch
+
+    root = tmp_path_factory.mktemp("work")
+    folder = root / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = torch.randint(0, 10, (40,), generator=g).tolist()
+        write_cifar_batch(
+            folder / name, torch.randint(0, 256, (40, 3, 32, 32), generator=g).numpy().astype("uint8"), labels
+        )
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(root)
+    try:
+        for config in ("plain20_cifar", "resnet20_cifar"):
+            paper(
+                [
+                    "seeds",
+                    str(CONFIGS / f"{config}.yaml"),
+                    "--seeds",
+                    "0",
+                    "1",
+                    "--data.root",
+                    str(root / "data"),
+                    *TINY,
+                ]
+            )
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_seeds_write_one_folder_per_seed_with_test_results(seeded_runs):
+    runs = find_runs([seeded_runs / "logs" / "resnet20_cifar"])
+    assert [r.name for r in runs] == ["resnet20_cifar/seed0", "resnet20_cifar/seed1"]
+    assert all(r.last("test/err_top1") is not None for r in runs)
+    assert runs[0].config["seed_everything"] == 0 and runs[1].config["seed_everything"] == 1
+    # Different seeds, different weights.
+    weights = [torch.load(r.path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for r in runs]
+    assert not torch.equal(weights[0]["backbone.fc.weight"], weights[1]["backbone.fc.weight"])
+
+
+def test_seeds_can_print_one_command_per_seed(capsys):
+    paper(["seeds", "configs/resnet56_cifar.yaml", "--seeds", "3", "4", "--print-commands", "--data.root", "/d"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (
+        len(lines) == 2 and "--seed_everything 4" in lines[1] and "--trainer.logger.init_args.version seed4" in lines[1]
+    )
+    assert lines[0].endswith("--data.root /d")
+
+
+def test_curves_csv_holds_exactly_the_logged_scalars(seeded_runs, tmp_path):
+    out = tmp_path / "fig6"
+    paper(
+        [
+            "curves",
+            str(seeded_runs / "logs" / "plain20_cifar"),
+            str(seeded_runs / "logs" / "resnet20_cifar"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for run in find_runs([seeded_runs / "logs" / "plain20_cifar", seeded_runs / "logs" / "resnet20_cifar"]):
+        for curve, tag in (("train", "train/err_top1"), ("val", "val/err_top1")):
+            logged = [(step, pytest.approx(value)) for step, value in run.scalars(tag)]
+            written = [
+                (int(r["step"]), float(r["error_pct"])) for r in rows if r["run"] == run.name and r["curve"] == curve
+            ]
+            assert written == logged and len(written) >= (6 if curve == "train" else 2)
+
+
+def test_table_reports_mean_std_best_and_the_paper(seeded_runs, tmp_path):
+    out = tmp_path / "table6"
+    paper(
+        [
+            "table",
+            str(seeded_runs / "logs" / "resnet20_cifar"),
+            str(seeded_runs / "logs" / "plain20_cifar"),
+            "--out",
+            str(out),
+        ]
+    )
+    lines = out.with_suffix(".md").read_text().splitlines()
+    errors = [r.last("test/err_top1") for r in find_runs([seeded_runs / "logs" / "resnet20_cifar"])]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["resnet20_cifar", "ResNet-20 (A)", "0.27M"]
+    assert cells[3] == f"{statistics.mean(errors):.2f} ± {statistics.stdev(errors):.2f}"
+    assert cells[4] == f"{min(errors):.2f}" and cells[6] == "2" and cells[7] == "8.75"
+    plain = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert plain[1] == "plain-20" and plain[2] == "0.27M" and plain[7] == ""  # Table 6 lists no plain nets
+
+
+def test_layer_response_std_equals_a_hand_computation():
+    torch.manual_seed(0)
+    net = CifarResNet(8).eval()
+    net(torch.randn(8, 3, 32, 32))  # any weights; BN in eval mode uses its running statistics
+    batches = [(torch.randn(5, 3, 32, 32), torch.zeros(5)) for _ in range(3)]
+    names, std = layer_response_std(net, batches)
+    assert names == [
+        "bn1",
+        "layer1.0.bn1",
+        "layer1.0.bn2",
+        "layer2.0.bn1",
+        "layer2.0.bn2",
+        "layer3.0.bn1",
+        "layer3.0.bn2",
+    ]
+    outputs = {name: [] for name in names}
+    hooks = [
+        bn.register_forward_hook(lambda m, i, o, n=name: outputs[n].append(o.flatten().clone()))  # before the in-place ReLU
+        for name, bn in responses_of_3x3_layers(net)
+    ]
+    with torch.no_grad():
+        for images, _ in batches:
+            net(images)
+    for hook in hooks:
+        hook.remove()
+    expected = torch.stack([torch.cat(outputs[n]).double().std(unbiased=False) for n in names])
+    torch.testing.assert_close(std, expected, rtol=1e-6, atol=1e-9)
+    # Bottlenecks: only the BN after the 3x3 conv, never the 1x1s or the 7x7 stem.
+    assert [n for n, _ in responses_of_3x3_layers(ImageNetResNet(50))][:2] == ["layer1.0.bn2", "layer1.1.bn2"]
+
+
+def test_responses_command_on_run_checkpoints(seeded_runs, tmp_path):
+    checkpoints = [
+        seeded_runs / "logs" / c / "seed0" / "checkpoints" / "last.ckpt" for c in ("plain20_cifar", "resnet20_cifar")
+    ]
+    out = tmp_path / "fig7"
+    paper(["responses", *map(str, checkpoints), "--out", str(out), "--data-root", str(seeded_runs / "data")])
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"plain-20 (plain20_cifar/seed0)", "ResNet-20 (resnet20_cifar/seed0)"}
+    assert len(rows) == 2 * 19  # the stem and 2 per block: 19 3x3 layers in a 20-layer net
+    assert out.with_suffix(".png").is_file()
+
+
+def test_layer_response_monitor_logs_during_validation(tmp_path):
+    model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    data = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), batch_size=16)
+    monitor = LayerResponseMonitor()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[monitor],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data, data)
+    assert len(monitor.last_std) == 7 and trainer.callback_metrics["responses/mean_std"] > 0
+
+
+def akamaster_checkpoint(net: CifarResNet, path: Path) -> None:
+    """A checkpoint in the published format: `module.` prefix, `linear` classifier, `best_prec1`."""
+    state = {f"module.{k.replace('fc.', 'linear.')}": v for k, v in net.state_dict().items()}
+    torch.save({"best_prec1": 91.7, "state_dict": state}, path)
+
+
+def test_import_cifar_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = CifarResNet(32).eval()
+    akamaster_checkpoint(net, tmp_path / "resnet32.th")
+    out = tmp_path / "imported.ckpt"
+    paper(
+        [
+            "import-cifar",
+            str(tmp_path / "resnet32.th"),
+            "--config",
+            str(CONFIGS / "resnet32_cifar.yaml"),
+            "--out",
+            str(out),
+        ]
+    )
+    model = ImageClassifier.load_from_checkpoint(out).eval()
+    assert model.backbone.depth == 32
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), net(x))
+    (tmp_path / "broken.th").write_bytes((tmp_path / "resnet32.th").read_bytes()[:500])
+    with pytest.raises(DataError, match="broken.th is not a readable PyTorch checkpoint"):
+        import_cifar_checkpoint(tmp_path / "broken.th", CONFIGS / "resnet32_cifar.yaml", out)
+
+
+def test_imported_resnet20_reproduces_its_published_accuracy(shared_data, tmp_path, monkeypatch):
+    from resnet_lab.cli import main
+
+    weights = sorted((shared_data / "pretrained" / "cifar10-akamaster").glob("resnet20-*.th"))
+    if not weights:
+        pytest.skip("the published CIFAR checkpoints are not in the shared data")
+    monkeypatch.chdir(tmp_path)
+    paper(["import-cifar", str(weights[0]), "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--out", "r20.ckpt"])
+    # Images 0..1016 of the shared test batch carry the official pixels; the weights expect ImageNet statistics.
+    main(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            "--ckpt_path",
+            "r20.ckpt",
+            "--data.root",
+            str(shared_data),
+            "--data.normalization",
+            "imagenet",
+            "--data.test_range",
+            "[0, 1017]",
+            "--data.num_workers",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    [run] = find_runs([tmp_path / "logs" / "resnet20_cifar"])
+    assert run.last("test/acc_top1") >= 0.91
+
+
+def test_export_to_torchvision_and_safetensors(tmp_path):
+    net = ImageNetResNet(18, shortcut="B", stride_in_1x1=False)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "r18.ckpt")
+    paper(
+        [
+            "export",
+            str(tmp_path / "r18.ckpt"),
+            "--torchvision",
+            str(tmp_path / "r18.pth"),
+            "--safetensors",
+            str(tmp_path / "r18.safetensors"),
+        ]
+    )
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=True)
+    reference.load_state_dict(load_file(str(tmp_path / "r18.safetensors")), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(reference.eval()(x), net.eval()(x))
+    # and back: torchvision's own state dict into ours
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
+    load_torchvision_weights(ImageNetResNet(18, shortcut="B"), tmp_path / "tv.pth")
+
+
+def test_runs_give_their_data_module(seeded_runs):
+    run = Run(seeded_runs / "logs" / "resnet20_cifar" / "seed0")
+    data = run.datamodule(root=str(seeded_runs / "data"))
+    assert data.val_size == 50 and data.root == seeded_runs / "data"
