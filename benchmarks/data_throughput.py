@@ -31,8 +31,12 @@ def measure(dm: ImageNetDataModule, augmentation: str, count: int) -> dict:
     for i in indices:
         dataset[i]
     seconds = time.perf_counter() - start
-    return {"pipeline": augmentation, "images": count, "seconds": round(seconds, 3),
-            "images_per_s_per_worker": round(count / seconds, 1)}
+    return {
+        "pipeline": augmentation,
+        "images": count,
+        "seconds": round(seconds, 3),
+        "images_per_s_per_worker": round(count / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -46,10 +50,18 @@ def main() -> None:
     scale = (round(args.crop_size * 256 / 224), round(args.crop_size * 480 / 224))
     dm = ImageNetDataModule(root=args.root, crop_size=args.crop_size, scale_range=scale, num_workers=0)
     rows = [measure(dm, name, args.images) for name in ("paper", "inception")]
-    meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "root": str(Path(args.root)), "crop": args.crop_size}
-    print(f"Decode + augment, one worker process, crop {args.crop_size}, scale range {scale} ({meta['date']}, "
-          f"{meta['cpus']} CPUs, torch {meta['torch']})\n")
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "root": str(Path(args.root)),
+        "crop": args.crop_size,
+    }
+    print(
+        f"Decode + augment, one worker process, crop {args.crop_size}, scale range {scale} ({meta['date']}, "
+        f"{meta['cpus']} CPUs, torch {meta['torch']})\n"
+    )
     print("| pipeline | images | seconds | images/s per worker |")
     print("|---|---|---|---|")
     for r in rows:

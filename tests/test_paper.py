@@ -143,7 +143,9 @@ def test_layer_response_std_equals_a_hand_computation():
     ]
     outputs = {name: [] for name in names}
     hooks = [
-        bn.register_forward_hook(lambda m, i, o, n=name: outputs[n].append(o.flatten().clone()))  # before the in-place ReLU
+        bn.register_forward_hook(
+            lambda m, i, o, n=name: outputs[n].append(o.flatten().clone())
+        )  # before the in-place ReLU
         for name, bn in responses_of_3x3_layers(net)
     ]
     with torch.no_grad():

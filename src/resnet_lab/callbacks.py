@@ -100,5 +100,9 @@ class SpeedMonitor(Callback):
                 pl_module.log("perf/peak_memory_gb", peak, on_step=True, on_epoch=False)
             self.window_start, self.images = now, 0
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A validation inside an epoch is not training time: start a new window after it.
+        self.window_start, self.images = time.perf_counter(), 0
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.log("perf/epoch_time_s", time.perf_counter() - self.epoch_start, on_step=False, on_epoch=True)

@@ -7,6 +7,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from resnet_lab.data.base import (
@@ -20,6 +21,7 @@ from resnet_lab.data.base import (
     resolve_root,
     split_indices,
 )
+from resnet_lab.data.device import DeviceBatches
 from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -78,6 +80,10 @@ class CIFAR10DataModule(ClassificationDataModule):
         download: fetch the dataset with torchvision when the folder is missing.
         test_range: [start, stop) of the test images to use; None: all. (A re-packed test set whose later
             images are lossy copies can be restricted to its exact ones.)
+        loader: "device" keeps each split on the training device as uint8 and augments whole batches there
+            (fast; no worker processes); "dataloader" uses a DataLoader with per-image transforms in
+            `num_workers` processes. Both draw crops and flips from the same distribution.
+        seed: base seed of the "device" loader's per-epoch shuffle and augmentation.
     """
 
     folder = "cifar-10-batches-py"
@@ -99,6 +105,8 @@ class CIFAR10DataModule(ClassificationDataModule):
         num_workers: int | None = None,
         download: bool = True,
         test_range: tuple[int, int] | None = None,
+        loader: Literal["device", "dataloader"] = "device",
+        seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.root = resolve_root(root)
@@ -108,6 +116,8 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.augment = augment
         self.download = download
         self.test_range = test_range
+        self.loader = loader
+        self.seed = seed
 
     @property
     def data_dir(self) -> Path:
@@ -147,6 +157,25 @@ class CIFAR10DataModule(ClassificationDataModule):
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_transform(normalize))
         else:
             self.val_set = self.test_set
+        self.normalize = normalize
+
+    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader | DeviceBatches:
+        if self.loader == "dataloader" or dataset is None:
+            return super()._loader(dataset, train)
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return DeviceBatches(
+            dataset.images.to(device),
+            dataset.labels.to(device),
+            self.batch_size,
+            self.normalize,
+            train=train,
+            augment=train and self.augment,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

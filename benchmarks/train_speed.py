@@ -1,0 +1,344 @@
+"""Training speed and memory, each figure measured against its reference in the same process.
+
+    python benchmarks/train_speed.py                  # CPU: a few minutes
+    python benchmarks/train_speed.py --device cuda    # GPU: bf16-mixed, larger batches
+
+1. Lightning `fit` of ImageClassifier against a hand-written PyTorch loop: same network, optimizer, batches and
+   precision (CIFAR ResNet-20 and ResNet-110; ImageNet ResNet-50 on synthetic 224x224 batches).
+2. Our ImageNet ResNet-50 (torchvision's stride placement) against torchvision.models.resnet50, forward+backward.
+3. CIFAR data pipeline: device-resident batches against the DataLoader path, and against ResNet-20's own
+   training throughput.
+4. Peak memory of one ResNet-110 / ResNet-1202 training step, with and without activation checkpointing
+   (CUDA max allocated on a GPU; peak RSS of a fresh process on a CPU).
+
+Prints a Markdown table and writes JSON (--json).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
+from resnet_lab.data.base import Standardize, TensorImageDataset, crop_flip_transform
+from resnet_lab.data.device import DeviceBatches
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):  # noqa: ANN201
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Repeat:
+    """The same batch, `steps` times: a data-free stream for measuring the model alone."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):  # noqa: ANN204
+        return (self.batch for _ in range(self.steps))
+
+
+def sgd(params):  # noqa: ANN001, ANN201
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def cifar_stream(device: torch.device, batch: int, steps: int, seed: int = 0) -> DeviceBatches:
+    g = torch.Generator().manual_seed(seed)
+    n = batch * steps
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 10, (n,), generator=g).to(device)
+    normalize = Standardize(torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25))
+    return DeviceBatches(images, labels, batch, normalize, train=True, augment=True)
+
+
+def imagenet_stream(device: torch.device, batch: int, steps: int) -> Repeat:
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    return Repeat((x, torch.randint(0, 1000, (batch,), device=device)), steps)
+
+
+class StepTimer(L.Callback):
+    """Wall time from the end of iteration `warmup` to the end of the last one."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+        elif trainer.global_step > self.warmup:
+            self.steps = trainer.global_step - self.warmup
+            if trainer.global_step == trainer.max_steps:
+                sync(pl_module.device)
+                self.end = time.perf_counter()
+
+
+def lightning_rate(net, stream, device, precision, warmup, batch) -> float:  # noqa: ANN001
+    model = ImageClassifier(net, optimizer=sgd, channels_last=True)
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=precision,
+            max_steps=len(stream),
+            logger=L.pytorch.loggers.TensorBoardLogger(logs, name="bench"),
+            log_every_n_steps=50,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[timer],
+        )
+        trainer.fit(model, stream)
+    return timer.steps * batch / (timer.end - timer.start)
+
+
+def raw_rate(net, stream, device, precision, warmup, batch) -> float:  # noqa: ANN001
+    net = net.to(device, memory_format=torch.channels_last).train()
+    optimizer = sgd(net.parameters())
+    start, steps = 0.0, 0
+    for step, (x, y) in enumerate(stream, 1):
+        with autocast(device, precision):
+            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        steps = step - warmup
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def compare_fit(name, make_net, make_stream, device, precision, batch, steps, warmup) -> dict:  # noqa: ANN001
+    torch.manual_seed(0)
+    fit = lightning_rate(make_net(), make_stream(), device, precision, warmup, batch)
+    torch.manual_seed(0)
+    raw = raw_rate(make_net(), make_stream(), device, precision, warmup, batch)
+    return {
+        "figure": f"fit throughput, {name}",
+        "ours": fit,
+        "reference": raw,
+        "unit": "images/s",
+        "reference_name": "hand-written loop",
+        "ratio": fit / raw,
+    }
+
+
+def compare_resnet50(device, precision, batch, steps, warmup) -> dict:  # noqa: ANN001
+    def rate(net) -> float:  # noqa: ANN001
+        stream = imagenet_stream(device, batch, steps + warmup)
+        return raw_rate(net, stream, device, precision, warmup, batch)
+
+    torch.manual_seed(0)
+    ours = rate(ImageNetResNet(50, stride_in_1x1=False))
+    reference = rate(torchvision.models.resnet50())
+    return {
+        "figure": "ResNet-50 forward+backward+SGD",
+        "ours": ours,
+        "reference": reference,
+        "unit": "images/s",
+        "reference_name": "torchvision resnet50",
+        "ratio": ours / reference,
+    }
+
+
+def compare_pipeline(device, batch, model_rate, workers) -> list[dict]:  # noqa: ANN001
+    g = torch.Generator().manual_seed(0)
+    n = 45_000
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    normalize = Standardize(images.float().div(255).mean(0), torch.ones(1))
+    device_batches = DeviceBatches(images.to(device), labels.to(device), batch, normalize, train=True, augment=True)
+    for _ in zip(range(5), device_batches, strict=False):
+        pass
+    sync(device)
+    start = time.perf_counter()
+    count = sum(len(y) for _, y in device_batches)
+    sync(device)
+    device_rate = count / (time.perf_counter() - start)
+
+    dataset = TensorImageDataset(images, labels, crop_flip_transform(32, 4, normalize))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+    limit = 60
+    for i, _ in enumerate(loader):  # start the workers
+        if i == 5:
+            break
+    start, count = time.perf_counter(), 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        count += len(y)
+        if i == limit:
+            break
+    sync(device)
+    loader_rate = count / (time.perf_counter() - start)
+    return [
+        {
+            "figure": f"CIFAR pipeline: device-resident vs DataLoader ({workers} workers)",
+            "ours": device_rate,
+            "reference": loader_rate,
+            "unit": "images/s",
+            "reference_name": "DataLoader + transforms.v2",
+            "ratio": device_rate / loader_rate,
+        },
+        {
+            "figure": "CIFAR pipeline: device-resident vs ResNet-20 training",
+            "ours": device_rate,
+            "reference": model_rate,
+            "unit": "images/s",
+            "reference_name": "ResNet-20 fit throughput",
+            "ratio": device_rate / model_rate,
+        },
+    ]
+
+
+MEMORY_SNIPPET = """
+import re, sys, torch, torch.nn.functional as F
+from resnet_lab import CifarResNet
+depth, batch, ckpt, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", torch.device(sys.argv[4])
+net = CifarResNet(depth, activation_checkpointing=ckpt).to(device)
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+for _ in range(2):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+if device.type == "cuda":
+    print(torch.cuda.max_memory_allocated(device) / 2**30)
+else:  # VmHWM, unlike ru_maxrss, starts afresh at exec: the launching process's size does not leak in
+    print(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 2**20)
+"""
+
+
+def peak_memory(depth: int, batch: int, checkpointing: bool, device: torch.device) -> float:
+    """GiB: CUDA max allocated in a training step, or the peak RSS of a fresh process doing one on the CPU."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SNIPPET, str(depth), str(batch), str(int(checkpointing)), str(device)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="default: benchmarks/train_speed_<device>.json")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    precision = "bf16-mixed" if gpu else "32-true"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    cifar_batch, cifar_steps, warmup = 128, (400 if gpu else 30), (50 if gpu else 5)
+    big_batch, big_steps = (128, 60) if gpu else (16, 6)
+    rows = []
+
+    def cifar(depth: int) -> dict:
+        steps = cifar_steps if depth < 100 else cifar_steps // 2
+        return compare_fit(
+            f"CIFAR ResNet-{depth}, batch {cifar_batch}",
+            lambda: CifarResNet(depth),
+            lambda: cifar_stream(device, cifar_batch, steps),
+            device,
+            precision,
+            cifar_batch,
+            steps,
+            warmup,
+        )
+
+    rows.append(cifar(20))
+    rows.append(cifar(110))
+    rows.append(
+        compare_fit(
+            f"ImageNet ResNet-50, batch {big_batch}, synthetic",
+            lambda: ImageNetResNet(50),
+            lambda: imagenet_stream(device, big_batch, big_steps + 2),
+            device,
+            precision,
+            big_batch,
+            big_steps + 2,
+            2,
+        )
+    )
+    rows.append(compare_resnet50(device, precision, big_batch, big_steps, 2))
+    rows += compare_pipeline(device, cifar_batch, rows[0]["ours"], workers=min(8, os.cpu_count() or 1))
+    if not args.skip_memory:
+        for depth, batch in ((110, 128), (1202, 128 if gpu else 32)):
+            plain, ckpt = peak_memory(depth, batch, False, device), peak_memory(depth, batch, True, device)
+            rows.append(
+                {
+                    "figure": f"peak memory, ResNet-{depth} training step, batch {batch}",
+                    "ours": ckpt,
+                    "reference": plain,
+                    "unit": "GiB " + ("CUDA max allocated" if gpu else "peak RSS"),
+                    "reference_name": "without checkpointing",
+                    "ratio": ckpt / plain,
+                }
+            )
+
+    meta = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device)
+        if gpu
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "precision": precision,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip(),
+    }
+    print(
+        f"\n{meta['device']}, {precision}, torch {meta['torch']}, lightning {meta['lightning']}, "
+        f"commit {meta['commit']}, {meta['date']}\n"
+    )
+    print("| figure | ours | reference | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ours = f"{r['ours']:,.1f}" if "GiB" in r["unit"] else f"{r['ours']:,.0f}"
+        ref = f"{r['reference']:,.1f}" if "GiB" in r["unit"] else f"{r['reference']:,.0f}"
+        print(f"| {r['figure']} | {ours} {r['unit']} | {ref} ({r['reference_name']}) | {r['ratio']:.2f}x |")
+    out = Path(args.json or Path(__file__).parent / f"train_speed_{device.type}.json")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The fast paths (device-resident CIFAR batches, channels_last, torch.compile) compute the same thing."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from resnet_lab import CifarResNet, ImageClassifier
+from resnet_lab.data import CIFAR10DataModule
+from resnet_lab.data.base import Standardize
+from resnet_lab.data.device import DeviceBatches, random_crop_flip
+
+
+def test_random_crop_flip_takes_windows_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8, generator=g)
+    out = random_crop_flip(images, padding=2, generator=g)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    offsets, flips = [], 0
+    for i in range(len(images)):
+        for flip in (False, True):
+            view = out[i].flip(-1) if flip else out[i]
+            hits = [(y, x) for y in range(5) for x in range(5) if torch.equal(padded[i, :, y : y + 8, x : x + 8], view)]
+            if hits:
+                offsets.append(hits[0])
+                flips += flip
+                break
+        else:
+            pytest.fail(f"image {i} is not a window of its padded image")
+    # Offsets uniform over the 25 windows, half the images mirrored (as RandomCrop + RandomHorizontalFlip).
+    counts = torch.bincount(torch.tensor([5 * y + x for y, x in offsets]), minlength=25)
+    assert counts.min() >= 5 and counts.max() <= 30
+    assert 150 <= flips <= 250
+
+
+def batches(train: bool, **kwargs) -> DeviceBatches:
+    images = torch.arange(100, dtype=torch.uint8)[:, None, None, None].expand(100, 3, 4, 4).contiguous()
+    normalize = Standardize(torch.zeros(1), torch.ones(1))
+    return DeviceBatches(images, torch.arange(100), 8, normalize, train=train, augment=False, **kwargs)
+
+
+def test_device_batches_shuffle_per_epoch_reproducibly_and_shard():
+    loader = batches(train=True, seed=3)
+    first = torch.cat([y for _, y in loader])
+    assert len(loader) == 12 and len(first) == 96 and len(set(first.tolist())) == 96
+    assert torch.equal(first, torch.cat([y for _, y in loader]))  # same epoch, same order
+    loader.set_epoch(1)
+    assert not torch.equal(first, torch.cat([y for _, y in loader]))
+    shards = [torch.cat([y for _, y in batches(train=True, seed=3, rank=r, world_size=3)]) for r in range(3)]
+    assert [len(s) for s in shards] == [32, 32, 32]  # equal numbers of batches on every process
+    assert len(set(torch.cat(shards).tolist())) == 96
+    evaluation = [torch.cat([y for _, y in batches(train=False, rank=r, world_size=3)]) for r in range(3)]
+    assert sorted(torch.cat(evaluation).tolist()) == list(range(100))
+    x, _ = next(iter(batches(train=False)))
+    assert x.dtype == torch.float32 and x[1, 0, 0, 0] == pytest.approx(1 / 255)
+
+
+def test_device_and_dataloader_paths_give_the_same_evaluation_batches(cifar_root):
+    def data(loader):
+        dm = CIFAR10DataModule(
+            root=str(cifar_root), batch_size=16, val_size=50, num_workers=0, download=False, loader=loader
+        )
+        dm.setup("fit")
+        return dm
+
+    device, reference = data("device"), data("dataloader")
+    for (x1, y1), (x2, y2) in zip(device.val_dataloader(), reference.val_dataloader(), strict=True):
+        torch.testing.assert_close(x1, x2)
+        assert torch.equal(y1, y2)
+    x, y = next(iter(device.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and len(device.train_dataloader()) == len(reference.train_dataloader())
+
+
+def train_losses(tmp_path, **switches) -> list[float]:
+    L.seed_everything(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), **switches)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    return losses
+
+
+def test_channels_last_gives_the_same_losses(tmp_path):
+    reference = train_losses(tmp_path)
+    assert train_losses(tmp_path, channels_last=True) == pytest.approx(reference, rel=1e-4, abs=1e-5)
+
+
+def test_compiled_backbone_trains_and_keeps_its_checkpoint_keys(tmp_path):
+    reference = train_losses(tmp_path)
+    assert train_losses(tmp_path, compile=True, compile_backend="aot_eager") == pytest.approx(reference, rel=1e-4)
+    model = ImageClassifier(CifarResNet(8), compile=True, compile_backend="aot_eager")
+    assert list(model.state_dict())[0] == "backbone.conv1.weight"
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    plain, checkpointed = CifarResNet(14), CifarResNet(14, activation_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for net in (plain, checkpointed):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    # BN running statistics are updated once per step, not again by the recomputation.
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        if not name.endswith("num_batches_tracked"):
+            torch.testing.assert_close(a, b, msg=name)
+    checkpointed.eval()
+    torch.testing.assert_close(checkpointed(x), plain.eval()(x))
