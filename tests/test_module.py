@@ -45,8 +45,9 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
     for key in (
         "train/loss",
         "train/loss_epoch",
-        "train/acc_top1",
-        "train/err_top5",
+        "train/err_top1",
+        "train/acc_top5_epoch",
+        "train/err_top1_epoch",
         "train/acc_top1_epoch",
         "val/loss",
         "val/acc_top1",

@@ -122,3 +122,10 @@ def test_activation_checkpointing_changes_nothing_but_memory():
             torch.testing.assert_close(a, b, msg=name)
     checkpointed.eval()
     torch.testing.assert_close(checkpointed(x), plain.eval()(x))
+
+
+def test_device_batches_leave_the_callers_normalisation_where_it_was():
+    normalize = Standardize(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8, device="meta")
+    DeviceBatches(images, torch.zeros(4, dtype=torch.long, device="meta"), 2, normalize, train=False, augment=False)
+    assert normalize.mean.device.type == "cpu"

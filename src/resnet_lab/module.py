@@ -17,9 +17,10 @@ STAGES = ("train", "val", "test")
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
-    metrics = {"acc_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    # validate_args=False: the checks call torch.unique on the labels, a host-device sync on every update.
+    metrics = {"acc_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
     if num_classes >= 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
     return MetricCollection(metrics)
 
 
@@ -27,10 +28,10 @@ class ImageClassifier(L.LightningModule):
     """Image classification with a backbone, an optimizer and a learning-rate schedule.
 
     Logs `{train,val,test}/loss`, `.../acc_top1`, `.../acc_top5` and the matching error in percent
-    (`.../err_top1`, `.../err_top5`: the paper's tables are in error %). Training metrics are logged per
-    iteration (the paper plots against iterations) and per epoch with an `_epoch` suffix; validation and test
-    metrics per epoch. Validation and test average the softmax over every view the data module gives an image
-    (one centre crop, ten crops, or several scales).
+    (`.../err_top1`, `.../err_top5`: the paper's tables are in error %). Training loss and top-1 error are also
+    logged per iteration (the paper plots against iterations); the training epoch values carry an `_epoch`
+    suffix. Validation and test metrics are logged per epoch; they average the softmax over every view the data
+    module gives an image (one centre crop, ten crops, or several scales).
 
     Args:
         backbone: a network mapping images to logits, exposing `num_classes` (e.g. `CifarResNet`).
@@ -74,17 +75,20 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
+        self.compile = compile
         if compile:
             self.backbone.compile(mode=None if compile_backend != "inductor" else compile_mode, backend=compile_backend)
         self.train_metrics = _accuracy_metrics(num_classes)
         self.val_metrics = _accuracy_metrics(num_classes)
         self.test_metrics = _accuracy_metrics(num_classes)
-        self.train_loss = MeanMetric()  # the epoch mean, reduced over processes once per epoch
+        # The epoch mean, reduced over processes once per epoch; its NaN check would sync every step.
+        self.train_loss = MeanMetric(nan_strategy="disable")
 
     def setup(self, stage: str) -> None:
-        # An example input lets the model summary count FLOPs and TensorBoard draw the network graph.
+        # An example input lets the model summary count FLOPs and TensorBoard draw the network graph
+        # (which torch.jit.trace cannot do through a compiled backbone).
         size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
-        if size is not None:
+        if size is not None and not self.compile:
             self.example_input_array = torch.zeros(2, 3, size, size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,12 +115,14 @@ class ImageClassifier(L.LightningModule):
         if stage == "train":
             logits = self(images)
             loss = F.cross_entropy(logits, labels)
-            self.train_loss.update(loss)
-            # Not in the progress bar: it would turn the loss into a Python float, a device sync, every step.
+            logits = logits.detach()
+            self.train_loss.update(loss.detach())
+            metrics.update(logits, labels)
+            # Per iteration only the loss and the top-1 error (the paper's curves), each one kernel, kept out
+            # of the progress bar: it would turn them into Python floats, a device sync, every step.
             self.log("train/loss", loss, on_step=True, on_epoch=False)
-            # forward() updates the epoch state and returns this batch's value; logging a tensor does not sync.
-            for name, acc in metrics(logits, labels).items():
-                self._log_accuracy(f"train/{name}", acc, on_step=True)
+            error = 100.0 * (logits.argmax(dim=1) != labels).float().mean()
+            self.log("train/err_top1", error, on_step=True, on_epoch=False)
             return loss
         log_probs = self.view_averaged_log_probs(images)
         loss = F.nll_loss(log_probs, labels)
@@ -124,17 +130,13 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
         return loss
 
-    def _log_accuracy(self, name: str, acc: Tensor, on_step: bool) -> None:
-        prog_bar = name.endswith("top1") and not on_step
-        for key, value in ((name, acc), (name.replace("acc_", "err_"), 100.0 * (1.0 - acc))):
-            # Epoch values come from Metric.compute(), already reduced over processes: the sync is a no-op.
-            self.log(key, value, on_step=on_step, on_epoch=not on_step, prog_bar=prog_bar, sync_dist=not on_step)
-
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        # compute() reduces over all processes, so the logged value is already global.
+        suffix = "_epoch" if stage == "train" else ""  # train/err_top1 is the per-iteration value
+        # compute() reduces over all processes, so the logged value is already global and the sync a no-op.
         for name, acc in metrics.compute().items():
-            self._log_accuracy(f"{stage}/{name}_epoch" if stage == "train" else f"{stage}/{name}", acc, on_step=False)
+            for key, value in ((f"acc_{name[4:]}", acc), (f"err_{name[4:]}", 100.0 * (1.0 - acc))):
+                self.log(f"{stage}/{key}{suffix}", value, prog_bar=name == "acc_top1", sync_dist=True)
         metrics.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

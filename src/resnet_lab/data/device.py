@@ -6,6 +6,7 @@ copied once; each epoch is one seeded permutation, and padding, cropping, flippi
 tensor operations on the whole batch. No worker processes, no per-sample Python.
 """
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -62,7 +63,7 @@ class DeviceBatches:
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size = batch_size
-        self.normalize = normalize.to(images.device)
+        self.normalize = copy.deepcopy(normalize).to(images.device)  # Module.to() would move the caller's too
         self.train = train
         self.augment = augment
         self.padding = padding

@@ -47,9 +47,9 @@ class ResponseStats:
     def _hook(self, index: int):  # noqa: ANN202
         def accumulate(module: nn.Module, inputs: Any, output: Tensor) -> None:
             x = output.detach().double()
-            self.sums[index] += torch.stack(
-                [torch.tensor(float(x.numel()), dtype=torch.float64), x.sum().cpu(), x.square().sum().cpu()]
-            )
+            if self.sums.device != x.device:  # accumulate where the responses are: no copy per batch
+                self.sums = self.sums.to(x.device)
+            self.sums[index] += torch.stack([x.new_tensor(x.numel()), x.sum(), x.square().sum()])
 
         return accumulate
 
@@ -59,7 +59,7 @@ class ResponseStats:
         self.handles.clear()
 
     def std(self) -> Tensor:
-        count, total, squares = self.sums.unbind(dim=1)
+        count, total, squares = self.sums.cpu().unbind(dim=1)
         mean = total / count
         return (squares / count - mean.square()).clamp_min(0).sqrt()
 
