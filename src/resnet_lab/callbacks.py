@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from resnet_lab.errors import ConfigError
+from resnet_lab.errors import ConfigError, UserError
 
 
 class ValidateAtMaxSteps(Callback):
@@ -106,3 +106,59 @@ class SpeedMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.log("perf/epoch_time_s", time.perf_counter() - self.epoch_start, on_step=False, on_epoch=True)
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop with a clear message when the training loss or the weights stop being finite, before any checkpoint of
+    them is written.
+
+    The first bad iteration is recorded on the device every iteration and read every `trainer.log_every_n_steps`
+    iterations (when the loggers read values anyway); before every validation and at every epoch end, when
+    checkpoints are written, the weights are checked too. No iteration waits for a check.
+    """
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        step = trainer.global_step - 1  # the iteration that produced this loss
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit":  # a validation inside fit ends with checkpoints
+            self._check(trainer, pl_module, weights=True)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer, pl_module, weights=True)  # ModelCheckpoint runs after every other callback
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule | None = None, weights: bool = False) -> None:
+        what = None
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            what = f"the training loss is not finite since iteration {int(self.first_bad)}"
+        elif weights and pl_module is not None:
+            # The update after the last finite loss can overflow the weights before any loss shows it.
+            finite = torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all()
+            if not finite:
+                what = f"the weights are not finite after iteration {trainer.global_step - 1}"
+        if what is None:
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise NonFiniteLossError(
+            f"{what} (learning rate {lr:g}); stopped before writing a checkpoint of it. Last good checkpoint: "
+            f"{last}. Lower the learning rate, add warm-up, or check the data for NaNs."
+        )

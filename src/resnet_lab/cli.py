@@ -1,6 +1,7 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -8,8 +9,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from resnet_lab.callbacks import SpeedMonitor, ValidateAtMaxSteps
-from resnet_lab.errors import UserError
+from resnet_lab.callbacks import SpeedMonitor, StopOnNonFiniteLoss, ValidateAtMaxSteps
+from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
+from resnet_lab.errors import ConfigError, UserError
 from resnet_lab.module import ImageClassifier
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
@@ -33,7 +35,7 @@ class ResNetLabCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [ValidateAtMaxSteps(), SpeedMonitor()]},
+            trainer_defaults={"callbacks": [ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss()]},
             args=args,
             **kwargs,
         )
@@ -72,16 +74,38 @@ class ResNetLabCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
+        if ckpt_path and str(ckpt_path) not in LIGHTNING_ALIASES:
+            read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one clear line, before any work
+
     def before_instantiate_classes(self) -> None:
         # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
         config = self.config[self.subcommand] if self.subcommand else self.config
         init_args = getattr(config.trainer.logger, "init_args", None)
         if config.get("config") and init_args is not None and init_args.get("name") == UNNAMED_RUN:
             init_args.name = Path(str(config.config[0])).stem
+        if init_args is not None and init_args.get("save_dir"):
+            check_writable(Path(init_args.save_dir))
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not hours later at the first checkpoint, if runs cannot be written under `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write runs under {folder} ({err.strerror or err}); choose another folder with "
+            "--trainer.logger.init_args.save_dir"
+        ) from err
 
 
 def main(args: ArgsType = None) -> None:

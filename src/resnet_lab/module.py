@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from resnet_lab.checkpoints import check_state_dict_matches
 from resnet_lab.errors import ConfigError
 
 STAGES = ("train", "val", "test")
@@ -162,6 +163,9 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_state_dict_matches(self, checkpoint.get("state_dict", {}), "the checkpoint")
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
         optimizer = self.optimizer(self.parameters())

@@ -8,19 +8,11 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from resnet_lab.errors import DataError, DatasetNotFoundError
+from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
+from resnet_lab.errors import DataError
 from resnet_lab.models import CifarResNet
 
 INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
-
-
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which and why
-        raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
 
 
 def akamaster_to_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -35,16 +27,16 @@ def import_cifar_checkpoint(source: Path, config: Path, out: Path) -> int:
     The result loads with `ImageClassifier.load_from_checkpoint` and with
     `python main.py test --config <config> --ckpt_path <out>`; `config` supplies the training recipe.
     """
-    state = akamaster_to_state_dict(_load(source))
+    state = akamaster_to_state_dict(read_checkpoint(source))
     blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}
+    if not blocks or "fc.weight" not in state:
+        raise DataError(f"{source} holds no CIFAR ResNet (no layer1.* or linear/fc weights): is it the right file?")
     depth = 6 * len(blocks) + 2
     num_classes = state["fc.weight"].shape[0]
     net = CifarResNet(depth, shortcut="A", num_classes=num_classes)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise DataError(f"{source} is not an option-A CIFAR ResNet-{depth} checkpoint: {err}") from err
-    model = yaml.safe_load(config.read_text())["model"]
+    check_state_dict_matches(net, state, f"{source} (read as an option-A CIFAR ResNet-{depth})")
+    net.load_state_dict(state, strict=True)
+    model = yaml.saferead_checkpoint(config.read_text())["model"]
     model["backbone"] = {
         "class_path": "resnet_lab.models.CifarResNet",
         "init_args": {"depth": depth, "shortcut": "A", "num_classes": num_classes},
@@ -62,7 +54,7 @@ def import_cifar_checkpoint(source: Path, config: Path, out: Path) -> int:
 def backbone_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The network's weights from one of our checkpoints, without the `backbone.` prefix: torchvision's keys for
     the ImageNet nets with option B."""
-    state = _load(checkpoint).get("state_dict")
+    state = read_checkpoint(checkpoint).get("state_dict")
     if not state or not any(k.startswith("backbone.") for k in state):
         raise DataError(f"{checkpoint} holds no `backbone.*` weights: is it a checkpoint of this project?")
     return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -79,5 +71,7 @@ def export_weights(checkpoint: Path, torchvision_out: Path | None = None, safete
 
 def load_torchvision_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load a torchvision ResNet state dict (e.g. `resnet50-*.pth`) into our ImageNetResNet, strictly."""
-    model.load_state_dict(_load(path), strict=True)
+    state = read_checkpoint(path)
+    check_state_dict_matches(model, state, str(path))
+    model.load_state_dict(state, strict=True)
     return model

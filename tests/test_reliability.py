@@ -1,0 +1,159 @@
+"""Bad checkpoints get one clear line naming the file and the problem (issue: reliability)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO
+from resnet_lab import CifarResNet, ImageClassifier
+from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
+from resnet_lab.cli import main
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture
+def trained(cifar_root, tmp_path, monkeypatch):
+    """A real checkpoint of a 2-iteration ResNet-20 run on the small on-disk CIFAR."""
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.batch_size", "16"]
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "resnet20_cifar.yaml"),
+            *data,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            *QUIET,
+        ]
+    )
+    return tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_truncated_and_foreign_checkpoints_are_named(trained, tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    foreign = tmp_path / "notes.ckpt"
+    foreign.write_text("not a checkpoint")
+    for path in (truncated, foreign):
+        with pytest.raises(DataError, match=f"{path.name} is not a readable PyTorch checkpoint"):
+            read_checkpoint(path)
+        with pytest.raises(SystemExit, match=f"error: .*{path.name} is not a readable PyTorch checkpoint"):
+            main(["test", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--ckpt_path", str(path), *QUIET])
+    with pytest.raises(DatasetNotFoundError, match="missing.ckpt does not exist"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_of_another_architecture_or_class_count(trained):
+    state = torch.load(trained, weights_only=True)["state_dict"]
+    with pytest.raises(ConfigError, match=r"weights missing .*Use the config it was trained with"):
+        check_state_dict_matches(ImageClassifier(CifarResNet(32)), state, "the checkpoint")
+    with pytest.raises(ConfigError, match=r"another shape .*backbone.fc.weight \[10, 64\] vs \[100, 64\]"):
+        check_state_dict_matches(ImageClassifier(CifarResNet(20, num_classes=100)), state, "the checkpoint")
+    check_state_dict_matches(ImageClassifier(CifarResNet(20)), state, "the checkpoint")  # the right one fits
+
+
+def test_wrong_class_count_through_the_command_line(trained, cifar_root, tmp_path):
+    # The data module links 100 classes into the net; the checkpoint has 10.
+    folder = tmp_path / "cifar100" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    from conftest import write_cifar_batch
+
+    for name, n in (("train", 60), ("test", 20)):
+        write_cifar_batch(folder / name, torch.zeros(n, 3, 32, 32, dtype=torch.uint8).numpy(), [99] * n, b"fine_labels")
+    args = [
+        "test",
+        "--config",
+        str(CONFIGS / "resnet20_cifar.yaml"),
+        "--ckpt_path",
+        str(trained),
+        "--data",
+        "resnet_lab.data.CIFAR100DataModule",
+        "--data.root",
+        str(tmp_path / "cifar100"),
+        "--data.val_size",
+        "10",
+        *QUIET,
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=180,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+        },
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not fit this model" in result.stderr and "[10, 64] vs [100, 64]" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from resnet_lab.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
+
+    class Losses(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.values.append(outputs["loss"].item())
+
+    def explode_after_one_epoch(optimizer):  # lr x 1e12 from iteration 3: the weights overflow
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3], gamma=1e12)
+
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.01), lr_scheduler=explode_after_one_epoch
+    )
+    data = DataLoader(TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
+    losses, checkpoint = Losses(), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=20,
+        log_every_n_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[losses, StopOnNonFiniteLoss(), checkpoint],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.fit(model, data, data)
+    message = str(error.value)
+    bad = [i for i, v in enumerate(losses.values) if not torch.isfinite(torch.tensor(v))]
+    if bad:  # stopped by a loss, or earlier by the weights check before a validation
+        assert f"not finite since iteration {bad[0]}" in message or "weights are not finite" in message
+    assert "(learning rate 1e+10)" in message and "last.ckpt" in message
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)  # built in Python: hparams hold the module
+    assert saved["global_step"] == 3  # the epoch before the explosion
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_an_unwritable_log_folder_is_reported_before_training(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"error: cannot write runs under .*a_file/logs .*--trainer.logger"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "resnet20_cifar.yaml"),
+                "--data.root",
+                str(cifar_root),
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "a_file" / "logs"),
+                *QUIET,
+            ]
+        )
