@@ -59,3 +59,19 @@ def shared_data() -> Path:
     if not root or not (Path(root) / "cifar-10-batches-py").is_dir():
         pytest.skip("real CIFAR-10 not found: set RESNET_LAB_DATA to the folder holding cifar-10-batches-py")
     return Path(root)
+
+
+def quiet_trainer(tmp_path: Path, **kwargs):  # noqa: ANN201
+    """A CPU Trainer without logger, checkpoints, progress bar or summary, unless `kwargs` says otherwise."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})

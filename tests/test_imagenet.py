@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import IMAGENETTE_WNIDS
+from conftest import IMAGENETTE_WNIDS, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.data import ImageNetDataModule
 from resnet_lab.data.ilsvrc_val import build_class_folders
@@ -93,11 +93,10 @@ def test_multi_scale_runs_whole_images_at_every_scale_and_flip(imagenet_root):
 
 @pytest.mark.parametrize("mode", ["center", "ten_crop", "multi_scale"])
 def test_every_eval_mode_reports_top1_and_top5(imagenet_root, mode, tmp_path):
-    import lightning as L
 
     dm = ImageNetDataModule(root=str(imagenet_root), eval_mode=mode, test_scales=(32, 40), **SMALL)
     model = ImageClassifier(CifarResNet(8, num_classes=dm.num_classes))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path)
     [result] = trainer.test(model, datamodule=dm)
     assert 0 <= result["test/err_top1"] <= 100 and 0 <= result["test/err_top5"] <= result["test/err_top1"]
 

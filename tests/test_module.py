@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.data import SyntheticDataModule
 from resnet_lab.schedules import WarmupMultiStepLR
@@ -10,19 +11,6 @@ from resnet_lab.schedules import WarmupMultiStepLR
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def test_training_lowers_the_loss_and_logs_errors(tmp_path):
@@ -35,7 +23,7 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
         model.eval()
         loss_before = torch.nn.functional.cross_entropy(model(images), labels)
     model.train()
-    t = trainer(tmp_path, max_epochs=3)
+    t = quiet_trainer(tmp_path, max_epochs=3)
     t.fit(model, datamodule=data)
     with torch.no_grad():
         model.eval()
@@ -63,7 +51,7 @@ def test_validation_error_equals_a_hand_count(tmp_path):
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=sgd).eval()
     x, y = torch.randn(50, 3, 32, 32), torch.randint(0, 6, (50,))
-    [result] = trainer(tmp_path).validate(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    [result] = quiet_trainer(tmp_path).validate(model, DataLoader(TensorDataset(x, y), batch_size=16))
     with torch.no_grad():
         logits = model(x)
     top1 = (logits.argmax(1) == y).float().mean().item()
@@ -76,7 +64,7 @@ def test_validation_error_equals_a_hand_count(tmp_path):
 def test_fewer_than_five_classes_reports_top1_only(tmp_path):
     model = ImageClassifier(CifarResNet(8, num_classes=2))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
-    [result] = trainer(tmp_path).test(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    [result] = quiet_trainer(tmp_path).test(model, DataLoader(TensorDataset(x, y), batch_size=4))
     assert "test/err_top1" in result and "test/err_top5" not in result
 
 
@@ -97,7 +85,7 @@ def test_scheduler_steps_every_iteration_inside_fit(tmp_path):
 
     model = ImageClassifier(CifarResNet(8), optimizer=sgd, lr_scheduler=milestones, scheduler_interval="step")
     data = SyntheticDataModule(train_size=64, val_size=16, batch_size=8)
-    trainer(tmp_path, max_steps=7, limit_val_batches=0).fit(model, datamodule=data)
+    quiet_trainer(tmp_path, max_steps=7, limit_val_batches=0).fit(model, datamodule=data)
     # 7 optimizer steps in one epoch of 8 batches: an epoch-wise schedule would still be at 0.1.
     assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001)
 
@@ -105,6 +93,6 @@ def test_scheduler_steps_every_iteration_inside_fit(tmp_path):
 def test_predict_returns_probabilities(tmp_path):
     model = ImageClassifier(CifarResNet(8))
     x = torch.randn(6, 3, 32, 32)
-    [probs] = trainer(tmp_path).predict(model, DataLoader(TensorDataset(x), batch_size=6))
+    [probs] = quiet_trainer(tmp_path).predict(model, DataLoader(TensorDataset(x), batch_size=6))
     assert probs.shape == (6, 10)
     torch.testing.assert_close(probs.sum(1), torch.ones(6))

@@ -4,14 +4,13 @@ import csv
 import statistics
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CONFIGS
+from conftest import CONFIGS, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
 from resnet_lab.errors import DataError
 from resnet_lab.paper.__main__ import main as paper
@@ -176,15 +175,7 @@ def test_layer_response_monitor_logs_during_validation(tmp_path):
     model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     data = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), batch_size=16)
     monitor = LayerResponseMonitor()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[monitor],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[monitor])
     trainer.fit(model, data, data)
     assert len(monitor.last_std) == 7 and trainer.callback_metrics["responses/mean_std"] > 0
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import SpeedMonitor, WarmupUntilTrainError
 from resnet_lab.data import SyntheticDataModule
@@ -31,17 +32,7 @@ def sgd(params):
 
 
 def fit(model, tmp_path, callbacks, max_steps: int, data=None, **kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
     trainer.fit(model, datamodule=data or SyntheticDataModule(train_size=1024, val_size=64, batch_size=32))
     return trainer
 

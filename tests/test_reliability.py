@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
 from resnet_lab.cli import main
@@ -120,14 +120,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     )
     data = DataLoader(TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
     losses, checkpoint = Losses(), ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=20,
-        log_every_n_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[losses, StopOnNonFiniteLoss(), checkpoint],
-        default_root_dir=tmp_path,
+    callbacks = [losses, StopOnNonFiniteLoss(), checkpoint]
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=20, log_every_n_steps=2, enable_checkpointing=True, callbacks=callbacks
     )
     with pytest.raises(NonFiniteLossError) as error:
         trainer.fit(model, data, data)
@@ -157,3 +152,34 @@ def test_an_unwritable_log_folder_is_reported_before_training(cifar_root, tmp_pa
                 *QUIET,
             ]
         )
+
+
+WRITER = """
+import sys, torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+io, path = TorchCheckpointIO(), sys.argv[1]
+state = {"state_dict": {"w": torch.randn(8_000_000)}}  # 32 MB: a write takes a noticeable time
+print("ready", flush=True)
+for step in range(10**6):
+    state["global_step"] = step
+    io.save_checkpoint(state, path)  # how Lightning writes every checkpoint
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_written_never_leaves_a_corrupt_file(tmp_path):
+    import random
+    import signal
+    import time
+
+    path = tmp_path / "last.ckpt"
+    rng = random.Random(0)
+    for _ in range(3):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.2, 1.0))  # somewhere inside a write, most likely
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        if path.exists():  # absent only if the very first write was cut short
+            checkpoint = read_checkpoint(path)
+            assert checkpoint["state_dict"]["w"].shape == (8_000_000,) and checkpoint["global_step"] >= 0
+    assert path.exists()

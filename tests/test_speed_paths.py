@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.data import CIFAR10DataModule
 from resnet_lab.data.base import Standardize
@@ -81,16 +82,7 @@ def train_losses(tmp_path, **switches) -> list[float]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].item())
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=6, callbacks=[Record()])
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
     return losses
 

@@ -36,7 +36,7 @@ def import_cifar_checkpoint(source: Path, config: Path, out: Path) -> int:
     net = CifarResNet(depth, shortcut="A", num_classes=num_classes)
     check_state_dict_matches(net, state, f"{source} (read as an option-A CIFAR ResNet-{depth})")
     net.load_state_dict(state, strict=True)
-    model = yaml.saferead_checkpoint(config.read_text())["model"]
+    model = yaml.safe_load(config.read_text())["model"]
     model["backbone"] = {
         "class_path": "resnet_lab.models.CifarResNet",
         "init_args": {"depth": depth, "shortcut": "A", "num_classes": num_classes},
