@@ -183,3 +183,42 @@ def test_a_kill_while_a_checkpoint_is_written_never_leaves_a_corrupt_file(tmp_pa
             checkpoint = read_checkpoint(path)
             assert checkpoint["state_dict"]["w"].shape == (8_000_000,) and checkpoint["global_step"] >= 0
     assert path.exists()
+
+
+def test_data_module_errors_are_one_line_too(imagenet_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Raised while the CLI links num_classes from the data module: jsonargparse wraps it; main() unwraps it.
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere/train does not exist: expected <root>/train"):
+        main(["fit", "--config", str(CONFIGS / "resnet18_imagenette.yaml"), "--data.root", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"^error: scale_range .* must be increasing and start at >= crop_size 200"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "resnet18_imagenette.yaml"),
+                "--data.root",
+                str(imagenet_root),
+                "--data.crop_size",
+                "200",
+            ]
+        )
+
+
+def test_published_weights_given_directly_point_to_the_import_command(shared_data, tmp_path, monkeypatch):
+    weights = sorted((shared_data / "pretrained" / "cifar10-akamaster").glob("resnet20-*.th"))
+    if not weights:
+        pytest.skip("the published CIFAR checkpoints are not in the shared data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="is not a Lightning checkpoint; .*import-cifar"):
+        main(["test", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--ckpt_path", str(weights[0]), *QUIET])
+
+
+def test_paper_commands_refuse_to_overwrite_or_to_write_nothing(trained, tmp_path):
+    from resnet_lab.paper.__main__ import main as paper
+
+    (tmp_path / "logs" / "resnet56_cifar" / "seed1").mkdir(parents=True)
+    (tmp_path / "logs" / "resnet56_cifar" / "seed1" / "config.yaml").write_text("")
+    with pytest.raises(SystemExit, match=r"already holds seeds \[1\]"):
+        paper(["seeds", str(CONFIGS / "resnet56_cifar.yaml"), "--seeds", "0", "1"])
+    with pytest.raises(SystemExit, match="nothing to write"):
+        paper(["export", str(trained)])

@@ -1,5 +1,6 @@
 """Reading checkpoints with errors that name the file and the problem, instead of a trace from deep in torch."""
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise DatasetNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-map the zip format (torch >= 1.6); older files, like the published CIFAR ones, load in full.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # truncated, foreign or not a torch file at all: say which and why
         reason = str(err).splitlines()[0][:200]
         raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from err
@@ -26,7 +28,8 @@ def read_checkpoint(path: str | Path) -> dict:
 def check_state_dict_matches(model: nn.Module, state: dict, source: str) -> None:
     """Explain, in one paragraph, how a state dict differs from `model` (missing, unexpected, reshaped weights)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    # BN fills in `num_batches_tracked` for checkpoints older than that buffer (e.g. the published CIFAR ones).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     reshaped = [
         f"{k} {list(state[k].shape)} vs {list(v.shape)}"

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from resnet_lab.callbacks import SpeedMonitor, StopOnNonFiniteLoss, ValidateAtMaxSteps
 from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
-from resnet_lab.errors import ConfigError, UserError
+from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.module import ImageClassifier
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
@@ -78,8 +78,16 @@ class ResNetLabCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
-        if ckpt_path and str(ckpt_path) not in LIGHTNING_ALIASES:
-            read_checkpoint(ckpt_path)  # a missing, truncated or foreign file: one clear line, before any work
+        # A missing, truncated or foreign file: one clear line, before any work.
+        if (
+            ckpt_path
+            and str(ckpt_path) not in LIGHTNING_ALIASES
+            and "pytorch-lightning_version" not in read_checkpoint(ckpt_path)
+        ):
+            raise DataError(
+                f"{ckpt_path} is not a Lightning checkpoint; for published CIFAR weights run "
+                "`python -m resnet_lab.paper import-cifar` first"
+            )
 
     def before_instantiate_classes(self) -> None:
         # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
@@ -108,8 +116,20 @@ def check_writable(folder: Path) -> None:
         ) from err
 
 
+def _user_error(err: BaseException | None) -> UserError | None:
+    """The UserError behind `err`, also when jsonargparse wrapped it while instantiating a class."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: ArgsType = None) -> None:
     try:
         ResNetLabCLI(args=args)
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        sys.exit(f"error: {user_error}")

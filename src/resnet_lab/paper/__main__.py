@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from resnet_lab.errors import UserError
+from resnet_lab.errors import ConfigError, UserError
 
 
 def _curves(args: argparse.Namespace) -> None:
@@ -64,15 +64,18 @@ def _import_cifar(args: argparse.Namespace) -> None:
     from resnet_lab.paper.weights import import_cifar_checkpoint
 
     depth = import_cifar_checkpoint(args.source, args.config, args.out)
+    config = args.config or f"configs/resnet{depth}_cifar.yaml"
     print(
-        f"wrote {args.out} (ResNet-{depth}); evaluate it with\n"
-        f"  python main.py test --config {args.config} --ckpt_path {args.out}"
+        f"wrote {args.out} (ResNet-{depth}); evaluate it with the normalisation these weights were trained with:\n"
+        f"  python main.py test --config {config} --ckpt_path {args.out} --data.normalization imagenet"
     )
 
 
 def _export(args: argparse.Namespace) -> None:
     from resnet_lab.paper.weights import export_weights
 
+    if not (args.torchvision or args.safetensors):
+        raise ConfigError("nothing to write: give --torchvision PATH and/or --safetensors PATH")
     export_weights(args.checkpoint, args.torchvision, args.safetensors)
     print("wrote " + " and ".join(str(p) for p in (args.torchvision, args.safetensors) if p))
 
@@ -115,8 +118,8 @@ def parser() -> argparse.ArgumentParser:
     imports.add_argument(
         "--config",
         type=Path,
-        default=Path("configs/resnet20_cifar.yaml"),
-        help="the experiment whose recipe the checkpoint records",
+        default=None,
+        help="the experiment whose recipe the checkpoint records (default: configs/resnet<depth>_cifar.yaml)",
     )
     imports.add_argument("--out", type=Path, required=True)
     imports.set_defaults(handler=_import_cifar)

@@ -26,7 +26,7 @@ def plot_curves(runs: list[Run], out: Path, title: str = "") -> tuple[Path, Path
     rows = []
     for ax, (kind, panel_runs) in zip(axes[0], panels.items(), strict=True):
         for color, run in zip(rcParams["axes.prop_cycle"].by_key()["color"] * 4, panel_runs, strict=False):
-            label = f"{'plain' if kind == 'plain' else 'ResNet'}-{run.backbone.get('depth', '?')} ({run.path.name})"
+            label = f"{'plain' if kind == 'plain' else 'ResNet'}-{run.backbone.get('depth', '?')} ({run.name})"
             for tag, width, style, suffix in ((TRAIN, 0.8, "--", "train"), (VAL, 2.2, "-", "val")):
                 points = run.scalars(tag)
                 rows += [(run.name, suffix, step, value) for step, value in points]

@@ -63,13 +63,17 @@ class Run:
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run folder at or directly below each path (an experiment folder holds one run per version or seed)."""
+    """Every training run at or directly below each path (an experiment folder holds one run per version or seed).
+
+    Folders that `main.py test` or `validate` made (no checkpoints/) are not training runs and are left out.
+    """
     runs = []
     for path in paths:
         if (path / "config.yaml").is_file():
             runs.append(Run(path))
             continue
-        found = sorted(p for p in path.glob("*") if (p / "config.yaml").is_file()) if path.is_dir() else []
+        found = sorted(p for p in path.glob("*") if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir())
+        found = found if path.is_dir() else []
         if not found:
             raise DatasetNotFoundError(f"no run folder (one holding config.yaml and TensorBoard events) at {path}")
         runs.extend(Run(p) for p in found)

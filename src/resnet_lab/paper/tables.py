@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import yaml
 
 from resnet_lab.paper.runs import Run
 
@@ -49,6 +50,15 @@ def count_parameters(run: Run) -> int | None:
     return sum(v.numel() for k, v in state.items() if k.startswith("backbone.") and not k.endswith(buffers))
 
 
+def _is_default(run: Run) -> bool:
+    """Whether the run's network is the one its experiment's config file names (no command-line override)."""
+    config = Path(__file__).parents[3] / "configs" / f"{run.experiment}.yaml"
+    if not config.is_file():
+        return True
+    named = yaml.safe_load(config.read_text())["model"]["backbone"].get("init_args", {})
+    return all(run.backbone.get(k) == v for k, v in named.items())
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return ""
@@ -58,9 +68,16 @@ def _mean_std(values: list[float]) -> str:
 
 def results_table(runs: list[Run]) -> str:
     """One Markdown row per experiment: model, parameters, our top-1 (and top-5) error, best, runs, the paper's."""
+    # One row per experiment and network: runs of one config with another depth or switch get their own row.
     experiments: dict[str, list[Run]] = {}
     for run in runs:
-        experiments.setdefault(run.experiment, []).append(run)
+        b = run.backbone
+        key = f"{run.experiment}" + (
+            ""
+            if _is_default(run)
+            else f" ({b['class']} {b.get('depth')}, residual={b.get('residual', True)}, shortcut={b.get('shortcut')})"
+        )
+        experiments.setdefault(key, []).append(run)
     header = [
         "experiment",
         "model",

@@ -21,7 +21,7 @@ def akamaster_to_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").replace("linear.", "fc.", 1): v for k, v in state.items()}
 
 
-def import_cifar_checkpoint(source: Path, config: Path, out: Path) -> int:
+def import_cifar_checkpoint(source: Path, config: Path | None, out: Path) -> int:
     """Write a checkpoint of ours from a published option-A CIFAR checkpoint; returns the depth.
 
     The result loads with `ImageClassifier.load_from_checkpoint` and with
@@ -36,6 +36,9 @@ def import_cifar_checkpoint(source: Path, config: Path, out: Path) -> int:
     net = CifarResNet(depth, shortcut="A", num_classes=num_classes)
     check_state_dict_matches(net, state, f"{source} (read as an option-A CIFAR ResNet-{depth})")
     net.load_state_dict(state, strict=True)
+    config = config or Path(__file__).parents[3] / "configs" / f"resnet{depth}_cifar.yaml"
+    if not config.is_file():
+        raise DataError(f"no config {config} for a ResNet-{depth}: pass --config with the experiment it belongs to")
     model = yaml.safe_load(config.read_text())["model"]
     model["backbone"] = {
         "class_path": "resnet_lab.models.CifarResNet",
@@ -69,7 +72,7 @@ def export_weights(checkpoint: Path, torchvision_out: Path | None = None, safete
         save_file(state, str(safetensors_out))
 
 
-def load_torchvision_weights(model: nn.Module, path: Path) -> nn.Module:
+def load_torchvision_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a torchvision ResNet state dict (e.g. `resnet50-*.pth`) into our ImageNetResNet, strictly."""
     state = read_checkpoint(path)
     check_state_dict_matches(model, state, str(path))
