@@ -76,7 +76,7 @@ class ImageClassifier(L.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
-        self.compile = compile
+        self.compiled = compile  # not `self.compile`: that would hide nn.Module.compile()
         if compile:
             self.backbone.compile(mode=None if compile_backend != "inductor" else compile_mode, backend=compile_backend)
         self.train_metrics = _accuracy_metrics(num_classes)
@@ -89,7 +89,7 @@ class ImageClassifier(L.LightningModule):
         # An example input lets the model summary count FLOPs and TensorBoard draw the network graph
         # (which torch.jit.trace cannot do through a compiled backbone).
         size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
-        if size is not None and not self.compile:
+        if size is not None and not self.compiled:
             self.example_input_array = torch.zeros(2, 3, size, size)
 
     def forward(self, x: Tensor) -> Tensor:
