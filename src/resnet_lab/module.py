@@ -14,8 +14,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from resnet_lab.checkpoints import check_state_dict_matches
 from resnet_lab.errors import ConfigError
 
-STAGES = ("train", "val", "test")
-
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
     # validate_args=False: the checks call torch.unique on the labels, a host-device sync on every update.
