@@ -34,7 +34,6 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
         "train/loss",
         "train/loss_epoch",
         "train/err_top1",
-        "train/acc_top5_epoch",
         "train/err_top1_epoch",
         "train/acc_top1_epoch",
         "val/loss",

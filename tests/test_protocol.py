@@ -24,7 +24,7 @@ class Recorder(Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.errors.append(float(trainer.callback_metrics["train/err_top1"]))
+        self.errors.append(float(outputs["err_top1"]))
 
 
 def sgd(params):

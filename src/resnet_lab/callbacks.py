@@ -60,7 +60,7 @@ class WarmupUntilTrainError(Callback):
         if scheduler.warmup_end is not None:
             return
         # One host sync per iteration, only while warming up (a few hundred iterations).
-        self.errors = [*self.errors[-(self.window - 1) :], float(trainer.callback_metrics["train/err_top1"])]
+        self.errors = [*self.errors[-(self.window - 1) :], float(outputs["err_top1"])]
         running = sum(self.errors) / len(self.errors)
         if len(self.errors) == self.window and running < self.threshold:
             scheduler.end_warmup()
