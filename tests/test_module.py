@@ -23,7 +23,7 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
         model.eval()
         loss_before = torch.nn.functional.cross_entropy(model(images), labels)
     model.train()
-    t = quiet_trainer(tmp_path, max_epochs=3)
+    t = quiet_trainer(tmp_path, max_epochs=3, log_every_n_steps=4)
     t.fit(model, datamodule=data)
     with torch.no_grad():
         model.eval()
