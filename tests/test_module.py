@@ -1,10 +1,15 @@
+import csv
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
+from resnet_lab.callbacks import ValidateAtMaxSteps
 from resnet_lab.data import SyntheticDataModule
 from resnet_lab.schedules import WarmupMultiStepLR
 
@@ -95,3 +100,30 @@ def test_predict_returns_probabilities(tmp_path):
     [probs] = quiet_trainer(tmp_path).predict(model, DataLoader(TensorDataset(x), batch_size=6))
     assert probs.shape == (6, 10)
     torch.testing.assert_close(probs.sum(1), torch.ones(6))
+
+
+def test_training_curves_log_the_mean_of_each_logging_window(tmp_path):
+    L.seed_everything(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    losses, errors = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            errors.append(float(outputs["err_top1"]))
+
+    logger = CSVLogger(tmp_path, name="run")
+    callbacks = [Record(), ValidateAtMaxSteps()]  # as in every CLI run: it makes Lightning write the last step
+    trainer = quiet_trainer(tmp_path, max_steps=10, log_every_n_steps=4, logger=logger, callbacks=callbacks)
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
+    logged = {int(r["step"]): (float(r["train/loss"]), float(r["train/err_top1"])) for r in rows if r["train/loss"]}
+    windows = {3: slice(0, 4), 7: slice(4, 8), 9: slice(8, 10)}  # every 4th iteration, and the last one
+    assert sorted(logged) == sorted(windows)
+    for step, window in windows.items():
+        assert logged[step][0] == pytest.approx(sum(losses[window]) / len(losses[window]), rel=1e-5)
+        assert logged[step][1] == pytest.approx(sum(errors[window]) / len(errors[window]), rel=1e-5)
+    [epoch0] = [r for r in rows if r["train/loss_epoch"]][:1]
+    assert float(epoch0["train/loss_epoch"]) == pytest.approx(sum(losses[:8]) / 8, rel=1e-5)
+    assert float(epoch0["train/err_top1_epoch"]) == pytest.approx(sum(errors[:8]) / 8, rel=1e-5)

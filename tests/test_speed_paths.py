@@ -121,3 +121,18 @@ def test_device_batches_leave_the_callers_normalisation_where_it_was():
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8, device="meta")
     DeviceBatches(images, torch.zeros(4, dtype=torch.long, device="meta"), 2, normalize, train=False, augment=False)
     assert normalize.mean.device.type == "cpu"
+
+
+def test_evaluation_of_a_compiled_model_does_not_compile(tmp_path):
+    # Validation batches end short and test views vary in size: each new shape would be another compilation.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = ImageClassifier(CifarResNet(8), compile=True, compile_backend="aot_eager")
+    x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    quiet_trainer(tmp_path).validate(model, DataLoader(TensorDataset(x, y), batch_size=16))  # 16, 16, 8
+    assert counters["stats"]["unique_graphs"] == 0
+    model.train()
+    model(x[:4]).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1  # training does compile
