@@ -1,3 +1,4 @@
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -153,3 +154,14 @@ def test_real_cifar10_loads_with_official_statistics(shared_data):
     torch.testing.assert_close(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=1e-3, rtol=0)
     counts = torch.bincount(torch.cat([dm.train_set.labels, dm.val_set.labels]), minlength=10)
     assert counts.tolist() == [5000] * 10
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(cifar_root):
+    data = CIFAR10DataModule(root=str(cifar_root), batch_size=128, val_size=40, num_workers=0, download=False)
+    data.trainer = L.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False)  # not launched: 3 ranks
+    with pytest.raises(
+        ConfigError, match=r"batch_size 128 is the global batch .* 3 processes .* --data.batch_size 129"
+    ):
+        _ = data.process_batch_size
+    data.batch_size = 129
+    assert data.process_batch_size == 43

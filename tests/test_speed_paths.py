@@ -136,3 +136,40 @@ def test_evaluation_of_a_compiled_model_does_not_compile(tmp_path):
     model.train()
     model(x[:4]).sum().backward()
     assert counters["stats"]["unique_graphs"] == 1  # training does compile
+
+
+def augmented(rank: int = 0, world_size: int = 1, batch_size: int = 8) -> DeviceBatches:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    normalize = Standardize(torch.zeros(1), torch.ones(1))
+    return DeviceBatches(images, torch.arange(64), batch_size, normalize, True, True, 2, 5, rank, world_size)
+
+
+def test_processes_share_each_global_batch_and_its_augmentation():
+    single = list(augmented(batch_size=8))
+    shares = [list(augmented(rank, 2, batch_size=4)) for rank in range(2)]
+    assert len(shares[0]) == len(shares[1]) == len(single) == 8
+    for (x, y), (x0, y0), (x1, y1) in zip(single, *shares, strict=True):
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)  # distinct shares, together the batch
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)  # with the very same crops and flips
+
+
+def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
+    reference = augmented()
+    reference.set_epoch(2)
+    expected = list(reference)
+    interrupted = augmented()
+    interrupted.set_epoch(2)
+    stream = iter(interrupted)
+    for _ in range(3):
+        next(stream)
+    state = interrupted.state_dict()  # what a checkpoint written after the third iteration holds
+    resumed = augmented()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # Lightning sets the epoch before iterating
+    rest = list(resumed)
+    assert len(rest) == len(expected) - 3
+    for (x, y), (xr, yr) in zip(expected[3:], rest, strict=True):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+    resumed.set_epoch(3)  # the next epoch starts from its beginning
+    assert len(list(resumed)) == len(expected)

@@ -86,7 +86,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """Builds the loaders from `train_set`, `val_set` and `test_set`, which subclasses fill in `setup`.
 
     Args:
-        batch_size: per device; the global batch is batch_size x devices x nodes.
+        batch_size: the global batch, split evenly over all processes (devices x nodes).
         num_workers: loader processes; None follows the machine.
     """
 
@@ -103,6 +103,18 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    @property
+    def process_batch_size(self) -> int:
+        """This process's share of the global `batch_size`."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % processes:
+            nearest = max(processes, round(self.batch_size / processes) * processes)
+            raise ConfigError(
+                f"batch_size {self.batch_size} is the global batch and must split evenly over the {processes} "
+                f"processes (devices x nodes); use a multiple of {processes}, e.g. --data.batch_size {nearest}"
+            )
+        return self.batch_size // processes
+
     def eval_collate_fn(self) -> Callable | None:
         """How evaluation samples form a batch; None stacks them."""
         return None
@@ -112,7 +124,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.process_batch_size,
             shuffle=train,
             drop_last=train,
             collate_fn=None if train else self.eval_collate_fn(),

@@ -68,7 +68,7 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     Args:
         root: folder holding `cifar-10-batches-py/`; default `$RESNET_LAB_DATA`, else `./data`.
-        batch_size: per device (the paper's 128 is the global batch).
+        batch_size: the global batch (the paper's 128), split evenly over all devices and nodes.
         val_size: images held out of the 50k training set for validation (the paper's 5k). 0 trains on all
             50k and validates on the test set, as the most widely used public reimplementation does.
         split_seed: seed of the fixed train / validation split.
@@ -168,7 +168,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         return DeviceBatches(
             dataset.images.to(device),
             dataset.labels.to(device),
-            self.batch_size,
+            self.process_batch_size,
             self.normalize,
             train=train,
             augment=train and self.augment,

@@ -148,7 +148,7 @@ class ImageNetDataModule(ClassificationDataModule):
 
     Args:
         root: folder holding `train/` and `val/`; default `$RESNET_LAB_DATA/imagenet`, else `./data/imagenet`.
-        batch_size: per device (the paper's 256 is the global batch).
+        batch_size: the global batch (the paper's 256), split evenly over all devices and nodes.
         train_augmentation: "paper": shorter side resized to a random size in `scale_range`, random crop, flip,
             PCA colour noise (Sec. 3.4); "inception": RandomResizedCrop over `area_range` + flip.
         crop_size: training and evaluation crop (224 in the paper; smaller makes research runs cheaper).

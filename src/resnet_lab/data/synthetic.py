@@ -35,7 +35,7 @@ class SyntheticDataModule(ClassificationDataModule):
         image_size: height and width of the square images.
         train_size: training images (augmented with the CIFAR pad + crop + flip).
         val_size: validation images; the test set is a further set of the same size.
-        batch_size: per device.
+        batch_size: the global batch, split evenly over all devices and nodes.
         seed: seed of the patterns, labels and noise.
         num_workers: loader processes; None follows the machine.
     """
