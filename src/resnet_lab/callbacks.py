@@ -1,11 +1,16 @@
 """Callbacks of the paper's training protocol and of the run logs."""
 
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from resnet_lab.errors import ConfigError, UserError
 
@@ -162,3 +167,62 @@ class StopOnNonFiniteLoss(Callback):
             f"{what} (learning rate {lr:g}); stopped before writing a checkpoint of it. Last good checkpoint: "
             f"{last}. Lower the learning rate, add warm-up, or check the data for NaNs."
         )
+
+
+class CheckpointOnSignal(Callback):
+    """On SIGTERM or SIGUSR1 (a scheduler's notice before it kills a job), finish the current iteration, write
+    `last.ckpt` beside the run's other checkpoints, and exit with status 0: `--ckpt_path last` resumes from there
+    exactly. No validation runs on the way out (it could outlast the scheduler's grace period).
+
+    Under SLURM, Lightning keeps SIGUSR1 for its auto-requeue (`#SBATCH --signal=SIGUSR1@90`): it requeues the
+    job, and the SIGTERM that follows brings the run here. Processes of a data-parallel run agree every
+    `check_every` iterations (one small collective), so they stop at the same iteration.
+
+    Args:
+        check_every: iterations between the processes' agreement under data parallelism.
+    """
+
+    def __init__(self, check_every: int = 10) -> None:
+        self.check_every = check_every
+        self.signalled: int | None = None
+        self.saved = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.signalled, self.saved = None, False
+        if stage == "fit" and not SLURMEnvironment.detect():
+            signal.signal(signal.SIGUSR1, self._note)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and not SLURMEnvironment.detect():
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.signalled = signum  # only note it: the iteration in progress must finish first
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stop = self.signalled is not None or trainer.received_sigterm
+        if trainer.world_size > 1:
+            if trainer.global_step % self.check_every:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._save(trainer)
+            raise SIGTERMException  # Lightning's clean exit: loggers flushed, status 0
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning ends a data-parallel run on SIGTERM at the start of the next iteration, on every process.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and not self.saved:
+            self._save(trainer)
+
+    def _save(self, trainer: Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else ".")
+        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        name = signal.Signals(self.signalled).name if self.signalled else "SIGTERM"
+        rank_zero_info(
+            f"{name}: saved {path} after iteration {trainer.global_step}; resume with --ckpt_path last (or {path})"
+        )
+        self.saved = True

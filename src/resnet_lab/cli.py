@@ -1,15 +1,18 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
+import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from resnet_lab.callbacks import SpeedMonitor, StopOnNonFiniteLoss, ValidateAtMaxSteps
+from resnet_lab.callbacks import CheckpointOnSignal, SpeedMonitor, StopOnNonFiniteLoss, ValidateAtMaxSteps
 from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
 from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.module import ImageClassifier
@@ -35,7 +38,9 @@ class ResNetLabCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss()]},
+            trainer_defaults={
+                "callbacks": [ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss(), CheckpointOnSignal()]
+            },
             args=args,
             **kwargs,
         )
@@ -49,7 +54,18 @@ class ResNetLabCLI(LightningCLI):
                 "checkpoint.mode": "min",
                 "checkpoint.filename": "best-step{step}",
                 "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.save_last": True,
+            }
+        )
+        # The latest state, always: Lightning's own `save_last` follows the best checkpoint, so a run whose
+        # validation error stops improving would keep an old `last.ckpt`. `--last_checkpoint.every_n_train_steps N`
+        # also writes it every N iterations (what `--ckpt_path last` resumes from after a kill).
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST,
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         parser.add_argument(
@@ -78,16 +94,8 @@ class ResNetLabCLI(LightningCLI):
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
-        # A missing, truncated or foreign file: one clear line, before any work.
-        if (
-            ckpt_path
-            and str(ckpt_path) not in LIGHTNING_ALIASES
-            and "pytorch-lightning_version" not in read_checkpoint(ckpt_path)
-        ):
-            raise DataError(
-                f"{ckpt_path} is not a Lightning checkpoint; for published CIFAR weights run "
-                "`python -m resnet_lab.paper import-cifar` first"
-            )
+        if ckpt_path and str(ckpt_path) not in LIGHTNING_ALIASES:
+            check_lightning_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
@@ -97,10 +105,40 @@ class ResNetLabCLI(LightningCLI):
             init_args.name = Path(str(config.config[0])).stem
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
+            if config.get("ckpt_path") == "last":
+                self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
+
+    def _resume_last_run(self, config: Namespace, experiment: Path) -> None:
+        """`--ckpt_path last`: the newest `last.ckpt` of this experiment's runs; `fit` goes on in that run's folder,
+        so its TensorBoard curves continue where they stopped."""
+        candidates = list(experiment.glob("version_*/checkpoints/last.ckpt"))
+        if not candidates:
+            raise ConfigError(
+                f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume from; start the run "
+                "without --ckpt_path, or give a checkpoint's path"
+            )
+        last = max(candidates, key=os.path.getmtime)
+        check_lightning_checkpoint(last)
+        config.ckpt_path = str(last)
+        if self.subcommand == "fit":
+            config.trainer.logger.init_args.version = last.parents[1].name
+            # config.yaml stays the run's original; the resumed command's config is saved beside it.
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": "config-resumed.yaml"}
+            self.save_config_kwargs["overwrite"] = True
+        rank_zero_info(f"resuming from {last}")
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def check_lightning_checkpoint(path: str | Path) -> None:
+    """A missing, truncated or foreign file: one clear line, before any work."""
+    if "pytorch-lightning_version" not in read_checkpoint(path):
+        raise DataError(
+            f"{path} is not a Lightning checkpoint; for published CIFAR weights run "
+            "`python -m resnet_lab.paper import-cifar` first"
+        )
 
 
 def check_writable(folder: Path) -> None:

@@ -1,0 +1,309 @@
+"""Data-parallel training, launched with torchrun exactly as a user would: 2 CPU processes (gloo) against 1 process.
+
+Every image of the small on-disk CIFAR carries its index in channel 0 (a constant plane), so the index can be read
+back from the centre pixel of any crop or mirror of it; channels 1 and 2 are noise, so the crop window and the
+mirroring of each training image can be recovered exactly. A test-only callback, written next to the runs and
+added with `--trainer.callbacks+=`, records every training batch each process trains on.
+
+`--trainer.sync_batchnorm true` cannot run here: torch's DDP refuses SyncBatchNorm on CPU ("SyncBatchNorm layers
+only work with GPU modules"). Each process therefore normalises its own share of the batch, and the two runs'
+weights are not expected to agree with each other. What is compared instead, exactly:
+- the data: at every iteration the processes' batches together are the single process's batch, crops and mirrors
+  included;
+- the weights: each run's last.ckpt against a replay of the batches its processes trained on (one shared model,
+  per-process BN statistics, the mean of the processes' losses: what DDP computes). With one process this is the
+  single run; with BN statistics over the global batch (sync BN) it would be the single run too.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS, REPO, write_cifar_batch
+from resnet_lab.models import CifarResNet
+
+PROCESSES = 2
+GLOBAL_BATCH = 16
+VAL_SIZE = 72
+TRAIN_SIZE = 200 - VAL_SIZE
+STEPS_PER_EPOCH = TRAIN_SIZE // GLOBAL_BATCH  # 8
+MAX_STEPS = 10  # crosses into the second epoch: its reshuffle must agree across processes too
+DEPTH = 8
+# lr 0.02 instead of the paper's 0.1: on noise images with random labels, lr 0.1 makes training so chaotic that a
+# float32 rounding difference of 1e-7 grows to 1e-3 in 10 iterations; at 0.02 a 2-thread replay of the same
+# batches stays within 1e-7 of a 1-thread one, while a wrong share of the batch moves the weights by > 5e-3.
+LR = 0.02
+# Weights of a run vs the replay of its batches: same ops, same thread count (1), so they agree bit for bit here
+# (max abs difference measured: 0.0). 1e-5 leaves room for float32 rounding (reduction order in gloo's all-reduce
+# or another CPU kernel), which stays below 1e-7 here. The replay with another BN sharing (the negative control
+# below) differs by about 1e-2.
+WEIGHT_ATOL = 1e-5
+
+PROBE = '''
+"""Test-only: records what this process trains on."""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+
+class RecordBatches(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.record = {"inputs": [], "images": [], "labels": [], "steps": []}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.record["initial"] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        inputs, labels = batch
+        norm = trainer.datamodule.normalize  # back to the uint8 pixels, to read each image's index and crop
+        pixels = (inputs * norm.std.to(inputs.device) + norm.mean.to(inputs.device)) * 255
+        self.record["inputs"].append(inputs.detach().cpu().clone())
+        self.record["images"].append(pixels.round().clamp(0, 255).to(torch.uint8).cpu())
+        self.record["labels"].append(labels.cpu().clone())
+        self.record["steps"].append(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record["world_size"] = trainer.world_size
+        self.record["final"] = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(self.record, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+'''
+
+
+@dataclass
+class Run:
+    ranks: list[dict]  # one record per process, by global rank
+    checkpoint: dict  # last.ckpt
+
+
+def write_tagged_cifar(root: Path) -> torch.Tensor:
+    """CIFAR-10 files of 5 x 40 training images whose channel 0 is the image's index; returns the images."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = []
+    for i, name in enumerate([f"data_batch_{b}" for b in range(1, 6)] + ["test_batch"]):
+        images = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+        images[:, 0] = (40 * i + np.arange(40))[:, None, None] % 256
+        write_cifar_batch(folder / name, images, [int(x) for x in rng.integers(0, 10, 40)])
+        train.append(images)
+    return torch.from_numpy(np.concatenate(train[:5]))
+
+
+def launch(name: str, root: Path, work: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    out = work / name
+    out.mkdir()
+    command = [
+        *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []),
+        str(REPO / "main.py"),
+        "fit",
+        "--config",
+        str(CONFIGS / "resnet20_cifar.yaml"),
+        "--data.root",
+        str(root),
+        "--data.batch_size",
+        str(GLOBAL_BATCH),
+        "--data.val_size",
+        str(VAL_SIZE),
+        "--model.backbone.init_args.depth",
+        str(DEPTH),
+        "--model.optimizer.init_args.lr",
+        str(LR),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(processes),
+        *(["--trainer.strategy", "ddp"] if processes > 1 else []),
+        "--trainer.max_steps",
+        str(MAX_STEPS),
+        "--trainer.deterministic",
+        "true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(out / "logs"),
+        "--trainer.callbacks+=ddp_probe.RecordBatches",
+        "--trainer.callbacks.out_dir",
+        str(out),
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(work), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",  # what torchrun gives each process; the single run and the replay use it too
+    }
+    env.pop("RESNET_LAB_DATA", None)
+    log = (out / "output.txt").open("w")
+    proc = subprocess.Popen([sys.executable, *command], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def collect(proc: subprocess.Popen, out: Path, processes: int) -> Run:
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    output = (out / "output.txt").read_text()
+    assert code == 0, output[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+    checkpoint = torch.load(out / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    return Run(ranks, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One process, 2 processes on the device-resident loader (the default), 2 on the DataLoader path; launched
+    together (each process has one thread) and each trained for MAX_STEPS iterations."""
+    work = tmp_path_factory.mktemp("distributed")
+    (work / "ddp_probe.py").write_text(PROBE)
+    train_images = write_tagged_cifar(work / "data")
+    # num_workers 1: with 0, every process crops and flips with the same global RNG stream (see test below).
+    dataloader = ("--data.loader", "dataloader", "--data.num_workers", "1")
+    launched = {
+        "single": (launch("single", work / "data", work, 1), 1),
+        "ddp": (launch("ddp", work / "data", work, PROCESSES), PROCESSES),
+        "ddp_dataloader": (launch("ddp_dataloader", work / "data", work, PROCESSES, *dataloader), PROCESSES),
+    }
+    results = {name: collect(proc, out, processes) for name, ((proc, out), processes) in launched.items()}
+    return {"train_images": train_images, **results}
+
+
+def image_ids(images: torch.Tensor) -> torch.Tensor:
+    """The index of each recorded image: its channel-0 plane, read at the centre (inside every crop window)."""
+    return images[:, 0, 16, 16].long()
+
+
+def crops_and_flips(images: torch.Tensor, sources: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """[B, 3]: the (row, column) offset of each image's window in its zero-padded source, and whether it is
+    mirrored, found by matching the noise channels against every window and mirror."""
+    size = images.shape[-1]
+    windows = F.pad(sources[:, 1:].float(), (padding,) * 4).unfold(2, size, 1).unfold(3, size, 1)  # B,2,9,9,H,W
+    found = []
+    for flip in (False, True):
+        target = images[:, 1:].float().flip(-1) if flip else images[:, 1:].float()
+        found.append((windows == target[:, :, None, None]).all(dim=(1, 4, 5)))  # B, 9, 9
+    match = torch.stack(found, dim=-1).nonzero()  # (image, row, column, mirrored)
+    assert torch.equal(match[:, 0], torch.arange(len(images))), "a recorded image matches no window of its source"
+    return match[:, 1:]
+
+
+def per_step(record: dict, key: str) -> list[torch.Tensor]:
+    assert record["steps"] == list(range(MAX_STEPS))
+    return record[key]
+
+
+def check_shards(run: Run) -> list[list[torch.Tensor]]:
+    """Each process trains on its own share of every global batch, and an epoch covers the train split once.
+    Returns the image indices per step and process."""
+    assert [r["world_size"] for r in run.ranks] == [PROCESSES] * PROCESSES
+    ids = [[image_ids(images) for images in per_step(r, "images")] for r in run.ranks]
+    for step in range(MAX_STEPS):
+        shares = [ids[rank][step] for rank in range(PROCESSES)]
+        assert [len(s) for s in shares] == [GLOBAL_BATCH // PROCESSES] * PROCESSES, f"step {step}"
+        together = torch.cat(shares)
+        assert len(together.unique()) == GLOBAL_BATCH, f"step {step}: processes share images: {shares}"
+    for epoch_steps in (range(STEPS_PER_EPOCH), range(STEPS_PER_EPOCH, MAX_STEPS)):
+        seen = torch.cat([ids[rank][step] for step in epoch_steps for rank in range(PROCESSES)])
+        assert len(seen.unique()) == len(seen), "an image came twice within one epoch"
+    first_epoch = torch.cat([ids[rank][step] for step in range(STEPS_PER_EPOCH) for rank in range(PROCESSES)])
+    assert len(first_epoch) == TRAIN_SIZE
+    second_epoch_start = torch.cat([ids[rank][STEPS_PER_EPOCH] for rank in range(PROCESSES)])
+    assert set(second_epoch_start.tolist()) != set(torch.cat([ids[r][0] for r in range(PROCESSES)]).tolist())
+    return ids
+
+
+def test_device_loader_splits_each_global_batch_and_its_augmentation_over_the_processes(runs):
+    single, ddp = runs["single"], runs["ddp"]
+    check_shards(ddp)
+    for step in range(MAX_STEPS):
+        one = (per_step(single.ranks[0], "images")[step], single.ranks[0]["labels"][step])
+        one_inputs = single.ranks[0]["inputs"][step]
+        many = [torch.cat([r[key][step] for r in ddp.ranks]) for key in ("images", "labels", "inputs")]
+        # The same images with the same crops, mirrors, labels and normalised values, whichever order.
+        mine, theirs = image_ids(many[0]).argsort(), image_ids(one[0]).argsort()
+        assert torch.equal(many[0][mine], one[0][theirs]), f"step {step}: images or their augmentation differ"
+        assert torch.equal(many[1][mine], one[1][theirs]), f"step {step}: labels differ"
+        assert torch.equal(many[2][mine], one_inputs[theirs]), f"step {step}: normalised inputs differ"
+    # The augmentation really ran: windows all over the padded image, about half of them mirrored.
+    images = torch.cat(single.ranks[0]["images"])
+    draws = crops_and_flips(images, runs["train_images"][image_ids(images)])
+    assert len(draws[:, :2].unique(dim=0)) > 20 and 0.2 < draws[:, 2].float().mean() < 0.8
+
+
+def test_dataloader_path_gives_each_process_its_own_shard_and_augmentation(runs):
+    run = runs["ddp_dataloader"]
+    check_shards(run)
+    # Each process crops and flips its images with its own random stream (Lightning seeds each DataLoader
+    # worker from the seed, the worker id and the global rank).
+    draws = [
+        crops_and_flips(images, runs["train_images"][image_ids(images)])
+        for images in (torch.cat(per_step(r, "images")) for r in run.ranks)
+    ]
+    same = (draws[0] == draws[1]).all(dim=1).float().mean()
+    assert same < 0.1, f"{same:.0%} of the images of both processes got the same crop and mirroring"
+
+
+def replay(initial: dict, shares: list[tuple[list, list]], checkpoint: dict, steps: int) -> dict:
+    """What one SGD model becomes on these batches when each share is normalised by its own BN statistics and
+    the gradient is that of the mean of the shares' losses: DDP without sync BN; one share: a single process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = CifarResNet(depth=DEPTH, num_classes=10)
+        model.load_state_dict({k.removeprefix("backbone."): v for k, v in initial.items()})
+        model.train()
+        group = checkpoint["optimizer_states"][0]["param_groups"][0]
+        # The schedule's first milestone (32k) lies far beyond MAX_STEPS: the lr stays at its initial value.
+        assert group["lr"] == group["initial_lr"] == LR
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"]
+        )
+        for step in range(steps):
+            optimizer.zero_grad()
+            loss = sum(F.cross_entropy(model(inputs[step]), labels[step]) for inputs, labels in shares) / len(shares)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {f"backbone.{name}": p.detach() for name, p in model.named_parameters()}
+
+
+def max_difference(params: dict, state_dict: dict) -> float:
+    return max((p - state_dict[name]).abs().max().item() for name, p in params.items())
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "ddp_dataloader"])
+def test_last_checkpoint_holds_the_weights_of_the_batches_the_processes_trained_on(runs, name):
+    run = runs[name]
+    checkpoint, state = run.checkpoint, run.checkpoint["state_dict"]
+    assert checkpoint["global_step"] == MAX_STEPS
+    for record in run.ranks[1:]:  # DDP: one set of initial and final weights on every process
+        assert max_difference(record["initial"], run.ranks[0]["initial"]) == 0
+        assert max_difference(
+            {k: v for k, v in record["final"].items() if k in dict(_params(state))}, dict(_params(state))
+        ) <= WEIGHT_ATOL
+    shares = [(r["inputs"], r["labels"]) for r in run.ranks]
+    replayed = replay(run.ranks[0]["initial"], shares, checkpoint, MAX_STEPS)
+    assert max_difference(replayed, state) <= WEIGHT_ATOL
+    if len(shares) > 1:
+        # Negative control: BN statistics over the whole global batch (what sync BN computes, or a run that
+        # ignored the split) give other weights, by far more than the tolerance.
+        merged = [([torch.cat(b) for b in zip(*[s[0] for s in shares])], [torch.cat(b) for b in zip(*[s[1] for s in shares])])]
+        assert max_difference(replay(run.ranks[0]["initial"], merged, checkpoint, MAX_STEPS), state) > 100 * WEIGHT_ATOL
+
+
+def _params(state: dict):
+    return ((k, v) for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k)

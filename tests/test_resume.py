@@ -1,0 +1,179 @@
+"""A run killed (SIGKILL) or stopped by a scheduler (SIGTERM, SIGUSR1) resumes with `--ckpt_path last` and ends with
+exactly the weights and logged metrics of a run never interrupted (CPU, deterministic). Real processes, real
+signals, real files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import CONFIGS, REPO, write_cifar_batch
+
+MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 1 and 2
+
+# Slows each iteration down so that a signal lands mid-run, and reports progress on stdout. It holds no state that
+# could change what is computed.
+PACE = """
+import time
+import lightning as L
+
+class Pace(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"iteration {trainer.global_step}", flush=True)
+        time.sleep(0.25)
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    folder = root / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(folder / name, rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 40))
+    (root / "pace.py").write_text(PACE)
+    return root
+
+
+def command(workspace: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "main.py"),
+        "fit",
+        "--config",
+        str(CONFIGS / "resnet20_cifar.yaml"),
+        "--data.root",
+        str(workspace / "data"),
+        "--data.val_size",
+        "40",
+        "--data.batch_size",
+        "16",
+        "--model.backbone.init_args.depth",
+        "8",
+        "--trainer.max_steps",
+        str(MAX_STEPS),
+        "--trainer.deterministic",
+        "true",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.log_graph",
+        "false",
+        *extra,
+    ]
+
+
+def run(workspace: Path, folder: str, *extra: str, **popen) -> subprocess.Popen:
+    cwd = workspace / folder
+    cwd.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{workspace}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(command(workspace, *extra), cwd=cwd, env=env, text=True, **popen)
+
+
+def finished(process: subprocess.Popen, timeout: float = 300) -> None:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, (out or "") + (err or "")[-3000:]
+
+
+def run_dir(workspace: Path, folder: str) -> Path:
+    return workspace / folder / "logs" / "resnet20_cifar" / "version_0"
+
+
+def scalars(events: Path) -> dict[tuple[str, int], float]:
+    """Every logged value by (tag, step), except wall-clock ones (perf/*)."""
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0}).Reload()
+    return {
+        (tag, e.step): e.value for tag in acc.Tags()["scalars"] if not tag.startswith("perf/") for e in acc.Scalars(tag)
+    }
+
+
+def assert_resumed_like(reference: Path, resumed: Path) -> None:
+    """Same final weights, optimizer state and counters; every value the resumed process logged equals the value the
+    uninterrupted run logged at that step."""
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (_, x), (_, y) in zip(
+        a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items(), strict=True
+    ):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+    expected = scalars(next(reference.glob("events.out.tfevents.*")))
+    newest = max(resumed.glob("events.out.tfevents.*"), key=os.path.getmtime)  # the resumed process's own file
+    logged = scalars(newest)
+    assert logged and max(step for _, step in logged) >= MAX_STEPS - 1
+    for key, value in logged.items():
+        assert key in expected, key
+        assert value == expected[key], key  # bit-identical, not approximately equal
+
+
+@pytest.fixture(scope="module")
+def reference(workspace: Path) -> Path:
+    finished(run(workspace, "reference", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return run_dir(workspace, "reference")
+
+
+def wait_for_iteration(process: subprocess.Popen, iteration: int) -> None:
+    for line in process.stdout:
+        if line.startswith("iteration ") and int(line.split()[1]) >= iteration:
+            return
+    pytest.fail(f"the run ended before iteration {iteration}: {process.stderr.read()[-3000:]}")
+
+
+def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
+    pace = ["--trainer.callbacks+=pace.Pace", "--last_checkpoint.every_n_train_steps", "3"]
+    killed = run(workspace, "killed", *pace, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_iteration(killed, 14)  # epoch 1, after the checkpoint of iteration 12
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    last = run_dir(workspace, "killed") / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert 12 <= saved["global_step"] < MAX_STEPS and saved["global_step"] % 3 == 0
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == saved["global_step"] % 10
+
+    finished(run(workspace, "killed", "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    assert_resumed_like(reference, run_dir(workspace, "killed"))
+    assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(workspace, reference, signum):
+    folder = signal.Signals(signum).name
+    stopped = run(workspace, folder, "--trainer.callbacks+=pace.Pace", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_iteration(stopped, 16)
+    stopped.send_signal(signum)
+    start = time.monotonic()
+    out, err = stopped.communicate(timeout=60)
+    assert stopped.returncode == 0, err[-3000:]
+    assert time.monotonic() - start < 10  # no validation or anything long on the way out
+    last = run_dir(workspace, folder) / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert 16 <= step < MAX_STEPS
+    assert f"{folder}: saved {last.relative_to(workspace / folder)} after iteration {step}" in err
+
+    if signum == signal.SIGTERM:  # SIGUSR1 leaves the same checkpoint through the same code
+        finished(run(workspace, folder, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        assert_resumed_like(reference, run_dir(workspace, folder))
+
+
+def test_resuming_with_nothing_to_resume_says_so(workspace):
+    process = run(workspace, "empty", "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "error: --ckpt_path last: no logs/resnet20_cifar/version_*/checkpoints/last.ckpt to resume from; start the "
+        "run without --ckpt_path, or give a checkpoint's path"
+    )
