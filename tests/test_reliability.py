@@ -1,5 +1,6 @@
 """Bad checkpoints get one clear line naming the file and the problem (issue: reliability)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -222,3 +223,25 @@ def test_paper_commands_refuse_to_overwrite_or_to_write_nothing(trained, tmp_pat
         paper(["seeds", str(CONFIGS / "resnet56_cifar.yaml"), "--seeds", "0", "1"])
     with pytest.raises(SystemExit, match="nothing to write"):
         paper(["export", str(trained)])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("--trainer.accelerator", "gpu", "No supported gpu backend found!"),
+        ("--trainer.strategy", "deepspeed", "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed."),
+    ],
+)
+def test_an_accelerator_or_strategy_this_machine_lacks_is_one_line(
+    tmp_path, monkeypatch, capsys, option, value, reason
+):
+    if value == "gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if value == "deepspeed" and importlib.util.find_spec("deepspeed"):
+        pytest.skip("DeepSpeed is installed")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), option, value, *QUIET])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: the trainer cannot run as configured on this machine: {reason}")
+    assert message.endswith("(without a GPU: --trainer.accelerator cpu)")

@@ -7,7 +7,8 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -126,6 +127,16 @@ class ResNetLabCLI(LightningCLI):
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": "config-resumed.yaml"}
             self.save_config_kwargs["overwrite"] = True
         rank_zero_info(f"resuming from {last}")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
+            raise ConfigError(
+                f"the trainer cannot run as configured on this machine: {err} Check --trainer.accelerator, "
+                "--trainer.devices, --trainer.strategy and --trainer.precision "
+                "(without a GPU: --trainer.accelerator cpu)"
+            ) from err
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
