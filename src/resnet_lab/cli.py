@@ -28,8 +28,9 @@ UNNAMED_RUN = "default"
 
 
 class ResNetLabCLI(LightningCLI):
-    """LightningCLI with the data module's class count linked into the backbone, best-on-validation and last
-    checkpoints, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
+    """LightningCLI with the data module's class count linked into the backbone, best-on-validation and latest
+    checkpoints (`--ckpt_path last` resumes the newest run in its own folder), a checkpoint and a clean exit on
+    SIGTERM/SIGUSR1, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
     (with hyperparameters and the network graph) under `logs/<first config's name>/`."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
