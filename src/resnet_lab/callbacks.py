@@ -1,6 +1,7 @@
 """Callbacks of the paper's training protocol and of the run logs."""
 
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -186,15 +187,18 @@ class CheckpointOnSignal(Callback):
         self.check_every = check_every
         self.signalled: int | None = None
         self.saved = False
+        self.previous_handler: Any = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.signalled, self.saved = None, False
-        if stage == "fit" and not SLURMEnvironment.detect():
-            signal.signal(signal.SIGUSR1, self._note)
+        # Handlers can only be set from the main thread (not, e.g., when a notebook trains in a thread).
+        if stage == "fit" and not SLURMEnvironment.detect() and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGUSR1, self._note)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and not SLURMEnvironment.detect():
-            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self.previous_handler)
+            self.previous_handler = None
 
     def _note(self, signum: int, frame: object) -> None:
         self.signalled = signum  # only note it: the iteration in progress must finish first
