@@ -245,3 +245,16 @@ def test_an_accelerator_or_strategy_this_machine_lacks_is_one_line(
     message = str(exit_info.value.code)
     assert message.startswith(f"error: the trainer cannot run as configured on this machine: {reason}")
     assert message.endswith("(without a GPU: --trainer.accelerator cpu)")
+
+
+def test_sync_batchnorm_on_cpu_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), *ddp, "--trainer.sync_batchnorm", "true", *QUIET]
+        )
+    assert str(exit_info.value.code) == (
+        "error: --trainer.sync_batchnorm true needs GPUs: PyTorch's SyncBatchNorm does not run on CPU. "
+        "Turn it off (--trainer.sync_batchnorm false) to train data-parallel on CPU"
+    )

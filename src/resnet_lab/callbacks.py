@@ -111,7 +111,8 @@ class SpeedMonitor(Callback):
         self.window_start, self.images = time.perf_counter(), 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.log("perf/epoch_time_s", time.perf_counter() - self.epoch_start, on_step=False, on_epoch=True)
+        elapsed = time.perf_counter() - self.epoch_start
+        pl_module.log("perf/epoch_time_s", elapsed, on_step=False, on_epoch=True, sync_dist=True)
 
 
 class NonFiniteLossError(UserError):

@@ -131,13 +131,22 @@ class ResNetLabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
             raise ConfigError(
                 f"the trainer cannot run as configured on this machine: {err} Check --trainer.accelerator, "
                 "--trainer.devices, --trainer.strategy and --trainer.precision "
                 "(without a GPU: --trainer.accelerator cpu)"
             ) from err
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
+            # Otherwise every process stops with torch's traceback when DDP wraps the model.
+            raise ConfigError(
+                "--trainer.sync_batchnorm true needs GPUs: PyTorch's SyncBatchNorm does not run on CPU. "
+                "Turn it off (--trainer.sync_batchnorm false) to train data-parallel on CPU"
+            )
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):

@@ -122,6 +122,10 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        if train and self.num_workers == 0 and self.trainer is not None and self.trainer.world_size > 1:
+            # Without workers the transforms draw from this process's global RNG, seeded alike on every process:
+            # give each its own stream, or the i-th image of every share would get the same crop and flip.
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
         return DataLoader(
             dataset,
             batch_size=self.process_batch_size,
