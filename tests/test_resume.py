@@ -149,7 +149,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
     assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(workspace, reference, signum):
     folder = signal.Signals(signum).name
     stopped = run(workspace, folder, "--trainer.callbacks+=pace.Pace", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
