@@ -144,6 +144,11 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
     assert 12 <= saved["global_step"] < MAX_STEPS and saved["global_step"] % 3 == 0
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == saved["global_step"] % 10
 
+    # Determinism: the same seed and config in another process logged the same values, bit for bit, until the kill.
+    before_kill = scalars(next(run_dir(workspace, "killed").glob("events.out.tfevents.*")))
+    expected = scalars(next(reference.glob("events.out.tfevents.*")))
+    assert len(before_kill) > 10 and all(value == expected[key] for key, value in before_kill.items())
+
     finished(run(workspace, "killed", "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     assert_resumed_like(reference, run_dir(workspace, "killed"))
     assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
