@@ -114,7 +114,7 @@ class DeviceBatches:
 
     def _batch_generator(self, index: int) -> torch.Generator:
         # One stream per (seed, epoch, batch): a resumed epoch needs no replay of the batches before it.
-        seed = hash((self.seed, self.epoch, index)) & (2**63 - 1)
+        seed = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
         return torch.Generator(device=self.images.device).manual_seed(seed)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
