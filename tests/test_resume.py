@@ -134,7 +134,8 @@ def wait_for_iteration(process: subprocess.Popen, iteration: int) -> None:
 
 
 def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
-    pace = ["--trainer.callbacks+=pace.Pace", "--last_checkpoint.every_n_train_steps", "3"]
+    periodic = ["--periodic_checkpoint.every_n_train_steps", "3"]  # 25 iterations: the last write is a validation's
+    pace = ["--trainer.callbacks+=pace.Pace", *periodic]
     killed = run(workspace, "killed", *pace, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_iteration(killed, 14)  # epoch 1, after the checkpoint of iteration 12
     killed.send_signal(signal.SIGKILL)
@@ -149,7 +150,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
     expected = scalars(next(reference.glob("events.out.tfevents.*")))
     assert len(before_kill) > 10 and all(value == expected[key] for key, value in before_kill.items())
 
-    finished(run(workspace, "killed", "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    finished(run(workspace, "killed", *periodic, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     assert_resumed_like(reference, run_dir(workspace, "killed"))
     assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
 

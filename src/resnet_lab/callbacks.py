@@ -16,6 +16,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from resnet_lab.errors import ConfigError, UserError
 
 
+def last_checkpoint_path(trainer: Trainer) -> Path:
+    """`<run>/checkpoints/last.ckpt`: where the run's latest state is kept."""
+    folders = [c.dirpath for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    folder = Path(folders[0]) if folders else Path(trainer.default_root_dir) / "checkpoints"
+    return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+
 class ValidateAtMaxSteps(Callback):
     """Validate (and so checkpoint) the final model when `max_steps` ends training in the middle of an epoch.
 
@@ -35,7 +42,8 @@ class WarmupUntilTrainError(Callback):
 
     The paper's ResNet-110 and 1202 "use 0.01 to warm up the training until the training error is below 80% (about
     400 iterations), and then go back to 0.1" (Sec. 4.2). The running error is the mean top-1 error of the last
-    `window` iterations. The iteration of the switch is logged as `train/warmup_end_step`.
+    `window` iterations, of the global batch under data parallelism. The iteration of the switch is logged as
+    `train/warmup_end_step`.
 
     Args:
         threshold: training top-1 error in percent below which the warm-up ends.
@@ -65,8 +73,10 @@ class WarmupUntilTrainError(Callback):
         scheduler = self._scheduler(trainer)
         if scheduler.warmup_end is not None:
             return
-        # One host sync per iteration, only while warming up (a few hundred iterations).
-        self.errors = [*self.errors[-(self.window - 1) :], float(outputs["err_top1"])]
+        # One host sync per iteration, only while warming up (a few hundred iterations). Under data parallelism
+        # the error is the global batch's, so that every process ends the warm-up at the same iteration.
+        error = trainer.strategy.reduce(outputs["err_top1"].float(), reduce_op="mean")
+        self.errors = [*self.errors[-(self.window - 1) :], float(error)]
         running = sum(self.errors) / len(self.errors)
         if len(self.errors) == self.window and running < self.threshold:
             scheduler.end_warmup()
@@ -164,7 +174,8 @@ class StopOnNonFiniteLoss(Callback):
         if what is None:
             return
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        last = last_checkpoint_path(trainer)
+        last = last if last.is_file() else "none written yet"
         raise NonFiniteLossError(
             f"{what} (learning rate {lr:g}); stopped before writing a checkpoint of it. Last good checkpoint: "
             f"{last}. Lower the learning rate, add warm-up, or check the data for NaNs."
@@ -222,12 +233,33 @@ class CheckpointOnSignal(Callback):
             self._save(trainer)
 
     def _save(self, trainer: Trainer) -> None:
-        callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath if isinstance(callback, ModelCheckpoint) and callback.dirpath else ".")
-        path = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         name = signal.Signals(self.signalled).name if self.signalled else "SIGTERM"
         rank_zero_info(
             f"{name}: saved {path} after iteration {trainer.global_step}; resume with --ckpt_path last (or {path})"
         )
         self.saved = True
+
+
+class PeriodicCheckpoint(Callback):
+    """Also write `last.ckpt` every `every_n_train_steps` iterations, to bound what a crash or `kill -9` loses
+    (`last.ckpt` is written at every validation anyway). Weights that are no longer finite are not written: the
+    last good `last.ckpt` stays, and `StopOnNonFiniteLoss` ends the run.
+
+    Args:
+        every_n_train_steps: iterations between writes; None writes only at validations.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ConfigError(f"every_n_train_steps must be at least 1 (or null), got {every_n_train_steps}")
+        self.every_n_train_steps = every_n_train_steps
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.every_n_train_steps or trainer.global_step % self.every_n_train_steps:
+            return
+        if torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all():
+            trainer.save_checkpoint(last_checkpoint_path(trainer))

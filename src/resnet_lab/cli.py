@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from resnet_lab.callbacks import CheckpointOnSignal, SpeedMonitor, StopOnNonFiniteLoss, ValidateAtMaxSteps
+from resnet_lab.callbacks import (
+    CheckpointOnSignal,
+    PeriodicCheckpoint,
+    SpeedMonitor,
+    StopOnNonFiniteLoss,
+    ValidateAtMaxSteps,
+)
 from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
 from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.module import ImageClassifier
@@ -58,9 +64,8 @@ class ResNetLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
-        # The latest state, always: Lightning's own `save_last` follows the best checkpoint, so a run whose
-        # validation error stops improving would keep an old `last.ckpt`. `--last_checkpoint.every_n_train_steps N`
-        # also writes it every N iterations (what `--ckpt_path last` resumes from after a kill).
+        # The latest state at every validation: Lightning's own `save_last` follows the best checkpoint, so a run
+        # whose validation error stops improving would keep an old `last.ckpt`.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
@@ -70,6 +75,9 @@ class ResNetLabCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
             }
         )
+        # `--periodic_checkpoint.every_n_train_steps N`: `last.ckpt` every N iterations as well, which bounds what
+        # a kill loses (`--ckpt_path last` resumes from it).
+        parser.add_lightning_class_args(PeriodicCheckpoint, "periodic_checkpoint")
         parser.add_argument(
             "--test_after_fit",
             type=bool,
