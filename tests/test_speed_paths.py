@@ -9,13 +9,13 @@ from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.data import CIFAR10DataModule
 from resnet_lab.data.base import Standardize
-from resnet_lab.data.device import DeviceBatches, random_crop_flip
+from resnet_lab.data.device import DeviceBatches, crop_flip_draws, random_crop_flip
 
 
 def test_random_crop_flip_takes_windows_of_the_padded_image():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8, generator=g)
-    out = random_crop_flip(images, padding=2, generator=g)
+    out = random_crop_flip(images, 2, crop_flip_draws(len(images), 2, g, images.device))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     offsets, flips = [], 0
     for i in range(len(images)):

@@ -23,6 +23,11 @@ def last_checkpoint_path(trainer: Trainer) -> Path:
     return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 
 
+def parameters_are_finite(module: LightningModule) -> bool:
+    """Whether every weight is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+
+
 class ValidateAtMaxSteps(Callback):
     """Validate (and so checkpoint) the final model when `max_steps` ends training in the middle of an epoch.
 
@@ -151,7 +156,7 @@ class StopOnNonFiniteLoss(Callback):
             self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
         step = trainer.global_step - 1  # the iteration that produced this loss
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.first_bad = torch.where(bad, step, self.first_bad)
         if trainer.global_step % trainer.log_every_n_steps == 0:
             self._check(trainer)
 
@@ -166,11 +171,9 @@ class StopOnNonFiniteLoss(Callback):
         what = None
         if self.first_bad is not None and int(self.first_bad) >= 0:
             what = f"the training loss is not finite since iteration {int(self.first_bad)}"
-        elif weights and pl_module is not None:
-            # The update after the last finite loss can overflow the weights before any loss shows it.
-            finite = torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all()
-            if not finite:
-                what = f"the weights are not finite after iteration {trainer.global_step - 1}"
+        # The update after the last finite loss can overflow the weights before any loss shows it.
+        elif weights and pl_module is not None and not parameters_are_finite(pl_module):
+            what = f"the weights are not finite after iteration {trainer.global_step - 1}"
         if what is None:
             return
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
@@ -261,5 +264,5 @@ class PeriodicCheckpoint(Callback):
     ) -> None:
         if not self.every_n_train_steps or trainer.global_step % self.every_n_train_steps:
             return
-        if torch.stack([p.detach().isfinite().all() for p in pl_module.parameters()]).all():
+        if parameters_are_finite(pl_module):
             trainer.save_checkpoint(last_checkpoint_path(trainer))

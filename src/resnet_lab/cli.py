@@ -133,8 +133,11 @@ class ResNetLabCLI(LightningCLI):
         if self.subcommand == "fit":
             config.trainer.logger.init_args.version = last.parents[1].name
             # config.yaml stays the run's original; the resumed command's config is saved beside it.
-            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": "config-resumed.yaml"}
-            self.save_config_kwargs["overwrite"] = True
+            self.save_config_kwargs = {
+                **self.save_config_kwargs,
+                "config_filename": "config-resumed.yaml",
+                "overwrite": True,
+            }
         rank_zero_info(f"resuming from {last}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:

@@ -16,17 +16,16 @@ from torch import Tensor
 from resnet_lab.data.base import Standardize
 
 
-def random_crop_flip(
-    images: Tensor, padding: int, generator: torch.Generator | None = None, draws: Tensor | None = None
-) -> Tensor:
-    """Zero-pad each image of [B, C, H, W] by `padding`, take a random HxW window of it, mirror half of them.
+def random_crop_flip(images: Tensor, padding: int, draws: Tensor) -> Tensor:
+    """Zero-pad each image of [B, C, H, W] by `padding`, take the HxW window at its drawn offsets, mirror the ones
+    drawn for it.
 
-    The same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip() per image. `draws`
-    ([3, B] from `crop_flip_draws`) fixes the windows and mirrors instead of drawing them from `generator`.
+    With `draws` from `crop_flip_draws`, the same distribution as torchvision's RandomCrop(size, padding) +
+    RandomHorizontalFlip() per image.
     """
     batch, channels, height, width = images.shape
     device = images.device
-    dy, dx, flip = crop_flip_draws(batch, padding, generator, device) if draws is None else draws
+    dy, dx, flip = draws
     padded = F.pad(images, (padding,) * 4)
     rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
@@ -135,6 +134,6 @@ class DeviceBatches:
             images = self.images[index]
             if self.augment:  # drawn for the global batch: each process applies its share
                 draws = crop_flip_draws(step, self.padding, self._batch_generator(batch), device)[:, share]
-                images = random_crop_flip(images, self.padding, draws=draws)
+                images = random_crop_flip(images, self.padding, draws)
             self.position = batch + 1
             yield self.normalize(images.float().div_(255)), self.labels[index]
