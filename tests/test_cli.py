@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 from conftest import CONFIGS, REPO
 from resnet_lab import ImageClassifier
-from resnet_lab.callbacks import WarmupUntilTrainError
+from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
 
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -186,3 +187,14 @@ def test_paper_recipe_learns_real_cifar10(shared_data, tmp_path):
     metrics = torch.load(last, weights_only=False)["callbacks"]
     best = next(v for k, v in metrics.items() if k.startswith("ModelCheckpoint"))["best_model_score"]
     assert best < 80.0  # validation top-1 error after 80 iterations; chance is 90%
+
+
+def test_the_progress_bar_is_throttled_unless_the_user_chose_one(cifar_root):
+    def bars(*extra: str) -> list[ProgressBar]:
+        base = ["--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(cifar_root), *extra]
+        return [c for c in ResNetLabCLI(args=base, run=False).trainer.callbacks if isinstance(c, ProgressBar)]
+
+    assert [type(b) for b in bars()] == [ThrottledProgressBar]
+    assert bars("--trainer.enable_progress_bar", "false") == []
+    chosen = bars("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "7")
+    assert [(type(b), b.refresh_rate) for b in chosen] == [(TQDMProgressBar, 7)]

@@ -127,3 +127,27 @@ def test_training_curves_log_the_mean_of_each_logging_window(tmp_path):
     [epoch0] = [r for r in rows if r["train/loss_epoch"]][:1]
     assert float(epoch0["train/loss_epoch"]) == pytest.approx(sum(losses[:8]) / 8, rel=1e-5)
     assert float(epoch0["train/err_top1_epoch"]) == pytest.approx(sum(errors[:8]) / 8, rel=1e-5)
+
+
+def test_a_backbone_built_in_python_is_not_a_hyperparameter(tmp_path):
+    # As a hyperparameter the module would be pickled into each checkpoint a second time and dumped as text into
+    # hparams.yaml by the logger (minutes for a ResNet-50).
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd)
+    assert "backbone" not in model.hparams and "backbone" not in model.hparams_initial
+    data = SyntheticDataModule(train_size=64, val_size=32, batch_size=32)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    [hparams] = tmp_path.glob("run/version_0/hparams.yaml")
+    assert "backbone" not in hparams.read_text() and hparams.stat().st_size < 1000
+    [checkpoint] = tmp_path.glob("run/version_0/checkpoints/*.ckpt")
+    # weights_only=False: the optimizer function is pickled by reference (this test file's `sgd`).
+    restored = ImageClassifier.load_from_checkpoint(checkpoint, backbone=CifarResNet(8), weights_only=False)
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
-from resnet_lab.data import CIFAR10DataModule
+from resnet_lab.callbacks import ThrottledProgressBar
+from resnet_lab.data import CIFAR10DataModule, SyntheticDataModule
 from resnet_lab.data.base import Standardize
 from resnet_lab.data.device import DeviceBatches, crop_flip_draws, random_crop_flip
 
@@ -173,3 +174,28 @@ def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
         assert torch.equal(x, xr) and torch.equal(y, yr)
     resumed.set_epoch(3)  # the next epoch starts from its beginning
     assert len(list(resumed)) == len(expected)
+
+
+@pytest.mark.parametrize("interval_s, most_redraws", [(0.0, None), (3600.0, 8)])
+def test_the_progress_bar_redraws_at_most_once_per_interval_and_ends_on_the_true_count(
+    interval_s, most_redraws, tmp_path, capsys
+):
+    steps = 30  # mid-epoch: 64 batches per epoch
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ThrottledProgressBar(interval_s)],
+    )
+    model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
+    trainer.fit(model, datamodule=SyntheticDataModule(train_size=128, val_size=16, batch_size=2))
+    bar = trainer.progress_bar_callback.train_progress_bar
+    assert bar.n == steps  # the last redraw shows every iteration done
+    redraws = capsys.readouterr().out.count("Epoch 0:")  # a redraw: a new position, or new figures after it
+    if most_redraws is None:
+        assert redraws >= steps
+    else:
+        assert redraws <= most_redraws

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -266,3 +266,45 @@ class PeriodicCheckpoint(Callback):
             return
         if parameters_are_finite(pl_module):
             trainer.save_checkpoint(last_checkpoint_path(trainer))
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, redrawn at most every `interval_s` seconds while training.
+
+    The stock bar redraws after every iteration, about 0.3 ms of Python each time: 15% of Lightning's own
+    per-iteration time, and some 5% of a compiled ResNet-20 iteration on a GPU. A `refresh_rate` counted in
+    iterations would instead leave a slow run's bar (ImageNet on a CPU) unchanged for minutes.
+
+    Args:
+        interval_s: the least time between two redraws of the training bar.
+    """
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._drawn_at = -float("inf")
+        self._batches_done = 0
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches_done = batch_idx + 1
+        now = time.monotonic()
+        if now - self._drawn_at >= self.interval_s:
+            self._drawn_at = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._catch_up()
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._catch_up()
+        super().on_train_end(trainer, pl_module)
+
+    def _catch_up(self) -> None:
+        """Show the iterations done since the last redraw."""
+        bar = self.train_progress_bar
+        if not bar.disable and bar.n != self._batches_done:
+            bar.n = self._batches_done
+            bar.refresh()

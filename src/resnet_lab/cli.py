@@ -9,7 +9,7 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -18,6 +18,7 @@ from resnet_lab.callbacks import (
     PeriodicCheckpoint,
     SpeedMonitor,
     StopOnNonFiniteLoss,
+    ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
 from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
@@ -37,7 +38,8 @@ class ResNetLabCLI(LightningCLI):
     """LightningCLI with the data module's class count linked into the backbone, best-on-validation and latest
     checkpoints (`--ckpt_path last` resumes the newest run in its own folder), a checkpoint and a clean exit on
     SIGTERM/SIGUSR1, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
-    (with hyperparameters and the network graph) under `logs/<first config's name>/`."""
+    (with hyperparameters and the network graph) under `logs/<first config's name>/`, and a progress bar redrawn a
+    few times a second rather than after every iteration."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         super().__init__(
@@ -141,6 +143,13 @@ class ResNetLabCLI(LightningCLI):
         rank_zero_info(f"resuming from {last}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        callbacks = config["trainer"].get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config["trainer"].get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs.setdefault("callbacks", [*callbacks, ThrottledProgressBar()])
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
@@ -149,7 +158,6 @@ class ResNetLabCLI(LightningCLI):
                 "--trainer.devices, --trainer.strategy and --trainer.precision "
                 "(without a GPU: --trainer.accelerator cpu)"
             ) from err
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         on_cpu = trainer.strategy.root_device.type == "cpu"
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
             # Otherwise every process stops with torch's traceback when DDP wraps the model.
