@@ -176,26 +176,39 @@ def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
     assert len(list(resumed)) == len(expected)
 
 
-@pytest.mark.parametrize("interval_s, most_redraws", [(0.0, None), (3600.0, 8)])
-def test_the_progress_bar_redraws_at_most_once_per_interval_and_ends_on_the_true_count(
-    interval_s, most_redraws, tmp_path, capsys
-):
-    steps = 30  # mid-epoch: 64 batches per epoch
+class TrainingBarAtValidation(L.Callback):
+    """What the training bar shows during each validation, and how many iterations were done by then."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and batch_idx == 0:
+            self.seen.append((trainer.progress_bar_callback.train_progress_bar.n, trainer.global_step))
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_the_progress_bar_redraws_at_most_once_per_interval_and_shows_the_true_count(interval_s, tmp_path, capsys):
+    steps = 30  # a validation every 10 iterations (the bar counts to max_steps)
+    at_validation = TrainingBarAtValidation()
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_steps=steps,
-        limit_val_batches=0,
+        val_check_interval=10,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[ThrottledProgressBar(interval_s)],
+        callbacks=[ThrottledProgressBar(interval_s), at_validation],
     )
     model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     trainer.fit(model, datamodule=SyntheticDataModule(train_size=128, val_size=16, batch_size=2))
-    bar = trainer.progress_bar_callback.train_progress_bar
-    assert bar.n == steps  # the last redraw shows every iteration done
-    redraws = capsys.readouterr().out.count("Epoch 0:")  # a redraw: a new position, or new figures after it
-    if most_redraws is None:
-        assert redraws >= steps
+    assert at_validation.seen == [(10, 10), (20, 20), (30, 30)]  # never a stale count under the validation bar
+    printed = capsys.readouterr().out
+    assert f"| {steps}/{steps} " in printed.split("Epoch 0:")[-1]  # the last redraw shows every iteration done
+    redraws = printed.count("Epoch 0:")  # a redraw: a new position, or new figures after it
+    if interval_s == 0:
+        assert redraws >= steps  # as the stock bar: after every iteration
     else:
-        assert redraws <= most_redraws
+        assert redraws <= 15

@@ -32,8 +32,9 @@ class ImageClassifier(L.LightningModule):
     `train/err_top1` against the iteration (the paper's curves), each the mean over the `log_every_n_steps`
     iterations since the last point, and `train/loss_epoch`, `train/err_top1_epoch`, `train/acc_top1_epoch`.
 
-    Checkpoints of a model built from a config (the CLI) rebuild it with `ImageClassifier.load_from_checkpoint(path)`;
-    a backbone built in Python is not a hyperparameter: pass it again, `load_from_checkpoint(path, backbone=...)`.
+    Checkpoints of a model built from a config (the CLI) rebuild it with `ImageClassifier.load_from_checkpoint(path)`.
+    Built in Python, only the plain arguments are hyperparameters: pass the backbone again,
+    `load_from_checkpoint(path, backbone=CifarResNet(20))` (and the optimizer and schedule, to train on).
 
     Args:
         backbone: a network mapping images to logits, exposing `num_classes` (e.g. `CifarResNet`).
@@ -70,10 +71,10 @@ class ImageClassifier(L.LightningModule):
             warnings.filterwarnings("ignore", message="Attribute 'backbone' is an instance of `nn.Module`")
             self.save_hyperparameters()
         if isinstance(self.hparams.get("backbone"), nn.Module):
-            # Built in Python rather than from a config: as a hyperparameter the module would be pickled into every
-            # checkpoint beside its own weights, and the loggers would write its tensors into hparams.yaml as text
-            # (minutes for a ResNet-50). Such a checkpoint loads with `load_from_checkpoint(path, backbone=...)`.
-            self.save_hyperparameters(ignore=["backbone"])
+            # Built in Python rather than from a config: keep plain values only. As a hyperparameter the module would
+            # be pickled into every checkpoint beside its own weights and written into hparams.yaml as text by the
+            # loggers (minutes for a ResNet-50), and pickled callables stop torch.load(weights_only=True).
+            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         num_classes = getattr(backbone, "num_classes", None)
         if not isinstance(num_classes, int):
             raise ConfigError(f"the backbone {type(backbone).__name__} must expose an integer `num_classes`")
