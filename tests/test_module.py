@@ -136,13 +136,8 @@ def test_a_backbone_built_in_python_is_not_a_hyperparameter(tmp_path):
     model = ImageClassifier(CifarResNet(8), optimizer=sgd)
     assert not {"backbone", "optimizer"} & (set(model.hparams) | set(model.hparams_initial))
     data = SyntheticDataModule(train_size=64, val_size=32, batch_size=32)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=2,
-        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    trainer = quiet_trainer(tmp_path, max_steps=2, logger=logger, enable_checkpointing=True)
     trainer.fit(model, datamodule=data)
     [hparams] = tmp_path.glob("run/version_0/hparams.yaml")
     assert "backbone" not in hparams.read_text() and hparams.stat().st_size < 1000

@@ -191,15 +191,13 @@ class TrainingBarAtValidation(L.Callback):
 def test_the_progress_bar_redraws_at_most_once_per_interval_and_shows_the_true_count(interval_s, tmp_path, capsys):
     steps = 30  # a validation every 10 iterations (the bar counts to max_steps)
     at_validation = TrainingBarAtValidation()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=steps,
         val_check_interval=10,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
+        enable_progress_bar=True,
         callbacks=[ThrottledProgressBar(interval_s), at_validation],
     )
     model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
