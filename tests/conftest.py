@@ -22,6 +22,18 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_k
         pickle.dump(entry, f)
 
 
+class RunsACommand:
+    """Unpickles to a call of os.system: what a doctored batch file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
 @pytest.fixture
 def cifar_root(tmp_path: Path) -> Path:
     """A small CIFAR-10 in the real on-disk layout: 5 train batches of 40 images, a test batch of 40."""

@@ -1,9 +1,12 @@
+import pickle
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from conftest import write_cifar_batch
+from conftest import RunsACommand, write_cifar_batch
 from resnet_lab.data import CIFAR10DataModule, CIFAR100DataModule, SyntheticDataModule
 from resnet_lab.data.base import split_indices
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
@@ -165,3 +168,28 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(cifar_
         _ = data.process_batch_size
     data.batch_size = 129
     assert data.process_batch_size == 43
+
+
+def test_a_batch_file_that_would_run_code_is_refused_and_runs_nothing(cifar_root, tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    path = cifar_root / "cifar-10-batches-py" / "data_batch_2"
+    with path.open("rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    with path.open("wb") as f:
+        pickle.dump({**entry, b"extra": RunsACommand(marker)}, f)
+    with pytest.raises(DataError, match=r"data_batch_2 is not a plain CIFAR batch .*(posix|os)\.system"):
+        make_cifar(cifar_root, val_size=50)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_batches_of_any_pickle_protocol_load(cifar_root, protocol):
+    path = cifar_root / "cifar-10-batches-py" / "data_batch_4"
+    with path.open("rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    with path.open("wb") as f:
+        pickle.dump(entry, f, protocol=protocol)
+    dm = make_cifar(cifar_root, val_size=50)
+    assert len(dm.train_set) == 150

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, quiet_trainer
+from conftest import CONFIGS, REPO, RunsACommand, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
 from resnet_lab.cli import main
@@ -50,6 +50,18 @@ def test_truncated_and_foreign_checkpoints_are_named(trained, tmp_path):
             main(["test", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--ckpt_path", str(path), *QUIET])
     with pytest.raises(DatasetNotFoundError, match="missing.ckpt does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(cifar_root, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    doctored = tmp_path / "doctored.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6", "extra": RunsACommand(marker)}, doctored)
+    with pytest.raises(DataError, match="doctored.ckpt is not a readable PyTorch checkpoint"):
+        read_checkpoint(doctored)
+    with pytest.raises(SystemExit, match="doctored.ckpt is not a readable PyTorch checkpoint"):
+        main(["test", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(cifar_root),
+              "--ckpt_path", str(doctored)])  # fmt: skip
+    assert not marker.exists()
 
 
 def test_checkpoint_of_another_architecture_or_class_count(trained):

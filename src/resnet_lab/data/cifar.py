@@ -25,6 +25,46 @@ from resnet_lab.data.device import DeviceBatches
 from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
+# What a CIFAR batch file needs: numpy arrays and their dtypes (old and new numpy module names), and the byte
+# strings that Python 3 pickles of protocol 2 encode through `_codecs.encode`. Nothing else may be called.
+SAFE_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asks for something other than numpy arrays and plain containers."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that builds only numpy arrays and plain containers.
+
+    A plain `pickle.load` runs whatever callable a file names, so a doctored batch file in a data folder could
+    run any command when `fit` starts.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise UnsafePickleError(f"it asks to load {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    """One python-version CIFAR batch file as a dict, running no code from the file."""
+    with path.open("rb") as f:
+        entry = CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(entry, dict):
+        raise TypeError(f"expected a dict of arrays, found a {type(entry).__name__}")
+    return entry
+
 
 def load_cifar_batches(
     folder: Path, files: tuple[str, ...], label_key: bytes, num_classes: int
@@ -39,10 +79,13 @@ def load_cifar_batches(
         if not path.is_file():
             raise DatasetNotFoundError(f"{path} is missing: the CIFAR folder must hold {', '.join(files)}")
         try:
-            with path.open("rb") as f:
-                entry = pickle.load(f, encoding="bytes")
+            entry = read_cifar_pickle(path)
             data = np.asarray(entry[b"data"], dtype=np.uint8)
             batch_labels = np.asarray(entry[label_key], dtype=np.int64)
+        except UnsafePickleError as err:
+            raise DataError(
+                f"{path} is not a plain CIFAR batch and was not loaded: {err}. Replace it with the official file"
+            ) from err
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
             raise DataError(
                 f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); "
