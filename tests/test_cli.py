@@ -198,3 +198,23 @@ def test_the_progress_bar_is_throttled_unless_the_user_chose_one(cifar_root):
     assert bars("--trainer.enable_progress_bar", "false") == []
     chosen = bars("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "7")
     assert [(type(b), b.refresh_rate) for b in chosen] == [(TQDMProgressBar, 7)]
+
+
+def _first_training_batch(cifar_root: Path, seed: int) -> torch.Tensor:
+    cli = ResNetLabCLI(args=[*cifar_args(cifar_root), "--seed_everything", str(seed)], run=False)
+    cli.datamodule.trainer = cli.trainer
+    cli.datamodule.setup("fit")
+    images, labels = next(iter(cli.datamodule.train_dataloader()))
+    return images
+
+
+def test_seeds_differ_in_training_order_and_augmentation_but_not_in_the_split(cifar_root):
+    seed1, again, seed2 = (_first_training_batch(cifar_root, s) for s in (1, 1, 2))
+    assert torch.equal(seed1, again)
+    assert not torch.equal(seed1, seed2)
+    splits = []
+    for seed in (1, 2):
+        cli = ResNetLabCLI(args=[*cifar_args(cifar_root), "--seed_everything", str(seed)], run=False)
+        cli.datamodule.setup("fit")
+        splits.append(cli.datamodule.val_set.labels)
+    assert torch.equal(*splits)

@@ -1,5 +1,6 @@
 """CIFAR-10 / CIFAR-100 from the standard python-version batches, with the paper's protocol (Sec. 4.2)."""
 
+import os
 import pickle
 from pathlib import Path
 from typing import Literal
@@ -126,7 +127,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         loader: "device" keeps each split on the training device as uint8 and augments whole batches there
             (fast; no worker processes); "dataloader" uses a DataLoader with per-image transforms in
             `num_workers` processes. Both draw crops and flips from the same distribution.
-        seed: base seed of the "device" loader's per-epoch shuffle and augmentation.
+        seed: base seed of the "device" loader's per-epoch shuffle and augmentation; None (the default) follows
+            the run's `seed_everything`, so runs of different seeds differ in training order and augmentation
+            as well as in their initial weights (the split stays fixed by `split_seed`).
     """
 
     folder = "cifar-10-batches-py"
@@ -149,7 +152,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         download: bool = True,
         test_range: tuple[int, int] | None = None,
         loader: Literal["device", "dataloader"] = "device",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.root = resolve_root(root)
@@ -161,6 +164,11 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.test_range = test_range
         self.loader = loader
         self.seed = seed
+
+    @property
+    def data_seed(self) -> int:
+        """`seed`, or the run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED; 0 if unset)."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
     def data_dir(self) -> Path:
@@ -215,7 +223,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             self.normalize,
             train=train,
             augment=train and self.augment,
-            seed=self.seed,
+            seed=self.data_seed,
             rank=rank,
             world_size=world_size,
         )
