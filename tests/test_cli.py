@@ -155,6 +155,13 @@ def test_bad_inputs_exit_with_one_clear_line(cifar_root, tmp_path, capsys):
     assert "Expected a typing.Literal['A', 'B', 'C']. Got value: D" in capsys.readouterr().err
 
 
+def test_replacing_the_callbacks_of_a_warmup_experiment_is_refused(cifar_root):
+    args = cifar_args(cifar_root, "--trainer.max_steps", "2", "--trainer.callbacks", "LearningRateMonitor")
+    args[args.index(str(CONFIGS / "resnet20_cifar.yaml"))] = str(CONFIGS / "resnet110_cifar.yaml")
+    with pytest.raises(SystemExit, match=r"error: .*no callback ends the warm-up.*--trainer.callbacks\+="):
+        main(["fit", *args])
+
+
 def test_bad_depth_from_the_real_command_line_prints_no_traceback(cifar_root, tmp_path):
     result = subprocess.run(
         [

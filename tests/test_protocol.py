@@ -64,6 +64,31 @@ def test_warmup_switch_needs_a_warmup_scheduler(tmp_path):
         fit(model, tmp_path, [WarmupUntilTrainError()], max_steps=2)
 
 
+def warmup_until_told(optimizer):
+    return WarmupMultiStepLR(optimizer, milestones=[10_000], warmup_steps=None, warmup_factor=0.1)
+
+
+def test_an_open_ended_warmup_that_nothing_ends_is_refused(tmp_path):
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd, lr_scheduler=warmup_until_told)
+    with pytest.raises(ConfigError, match="no callback ends the warm-up: add resnet_lab.callbacks.WarmupUntilTrainError"):
+        fit(model, tmp_path, [], max_steps=2)
+
+
+def test_a_run_resumed_during_the_warmup_keeps_its_running_error(tmp_path):
+    L.seed_everything(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd, lr_scheduler=warmup_until_told)
+    first = WarmupUntilTrainError(threshold=0.0, window=20)  # never ends here
+    trainer = fit(model, tmp_path, [first], max_steps=6, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "warming.ckpt")
+    assert len(first.errors) == 6
+    resumed = WarmupUntilTrainError(threshold=0.0, window=20)
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd, lr_scheduler=warmup_until_told)
+    trainer = quiet_trainer(tmp_path, max_steps=8, callbacks=[resumed], limit_val_batches=0)
+    trainer.fit(model, datamodule=SyntheticDataModule(train_size=1024, val_size=64, batch_size=32),
+                ckpt_path=tmp_path / "warming.ckpt")  # fmt: skip
+    assert resumed.errors[:6] == first.errors and len(resumed.errors) == 8
+
+
 def test_plateau_schedule_divides_the_lr_when_validation_error_stalls(tmp_path):
     # A threshold no run can meet: every validation after the first counts as a plateau.
     def plateau(optimizer):

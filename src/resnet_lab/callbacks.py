@@ -70,7 +70,14 @@ class WarmupUntilTrainError(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._scheduler(trainer)
+        self._scheduler(trainer).warmup_driver = type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        # A run resumed during the warm-up goes on with the same running error.
+        return {"errors": list(self.errors)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.errors = list(state_dict.get("errors", []))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -174,6 +174,13 @@ class ImageClassifier(L.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.view_averaged_log_probs(images).exp()
 
+    def on_fit_start(self) -> None:
+        # After the callbacks' on_fit_start, so a warm-up switch among them has attached itself.
+        for config in self.trainer.lr_scheduler_configs:
+            check = getattr(config.scheduler, "check_warmup_ends", None)
+            if check is not None:
+                check()
+
     def on_train_epoch_end(self) -> None:
         # Every process trains on as many images, so the mean over processes is the global mean.
         mean_loss, mean_wrong = (self.train_sums[1] / max(self.epoch_images, 1)).unbind()

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from resnet_lab.errors import ConfigError
+
 
 class WarmupMultiStepLR(LRScheduler):
     """Step decay with a constant warm-up: lr x `warmup_factor` during warm-up, then the base lr, multiplied by
@@ -39,7 +41,22 @@ class WarmupMultiStepLR(LRScheduler):
         self.warmup_steps = warmup_steps
         self.warmup_factor = warmup_factor
         self.warmup_end: int | None = warmup_steps  # saved in state_dict(), so a resumed run keeps its switch
+        self.warmup_driver: str | None = None  # the callback that will call end_warmup(), once it is attached
         super().__init__(optimizer, last_epoch)
+
+    def state_dict(self) -> dict:
+        # Who drives the warm-up is a property of this run's callbacks, not of the schedule's progress.
+        return {k: v for k, v in super().state_dict().items() if k != "warmup_driver"}
+
+    def check_warmup_ends(self) -> None:
+        """Refuse an open-ended warm-up that nothing will end: it would train at the reduced lr forever."""
+        if self.warmup_end is None and self.warmup_driver is None:
+            raise ConfigError(
+                "WarmupMultiStepLR has warmup_steps: null (warm up until told to stop) but no callback ends the "
+                "warm-up: add resnet_lab.callbacks.WarmupUntilTrainError to trainer.callbacks (a --trainer.callbacks "
+                "given on the command line replaces the config's list; use --trainer.callbacks+=...), or set "
+                "warmup_steps to a number of iterations"
+            )
 
     def end_warmup(self) -> None:
         """End the warm-up now: the next optimizer step already uses the base lr."""
