@@ -1,5 +1,4 @@
 import pickle
-from pathlib import Path
 
 import lightning as L
 import numpy as np

@@ -4,12 +4,20 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_lab.errors import ConfigError
-from resnet_lab.models import CifarResNet, ImageNetResNet, PadShortcut
+from resnet_lab.models import (
+    Bottleneck,
+    CifarResNet,
+    ImageNetResNet,
+    PadShortcut,
+    PreActBasicBlock,
+    PreActBottleneck,
+)
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
@@ -95,7 +103,7 @@ def test_option_a_adds_no_parameters_and_b_c_add_exactly_the_projections(family,
     # B projects exactly where the shape changes; C on every block.
     for block in (m for m in b.modules() if hasattr(m, "downsample")):
         stride = max(block.conv1.stride[0], block.conv2.stride[0])
-        shape_changes = stride > 1 or block.conv1.in_channels != block.last_bn().num_features
+        shape_changes = stride > 1 or block.conv1.in_channels != getattr(block, "conv3", block.conv2).out_channels
         assert (block.downsample is not None) == shape_changes
     assert all(block.downsample is not None for block in c.modules() if hasattr(block, "downsample"))
 
@@ -193,3 +201,92 @@ def test_models_pickle_and_deepcopy():
         model.eval(), clone.eval()
         torch.testing.assert_close(clone(x), model(x))
         copy.deepcopy(model)
+
+
+# The sequel (He et al. 2016): CIFAR bottleneck nets of depth 9n+2, original and pre-activation units.
+PREACT_BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
+
+
+def conv_and_fc_weights(model: nn.Module) -> int:
+    """The count the sequel reports (its 10.2M for ResNet-1001): convolution and classifier weights, not BN's."""
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [Bottleneck, PreActBottleneck])
+def test_cifar_bottleneck_nets_match_the_sequels_parameter_counts(block):
+    resnet164 = CifarResNet(164, shortcut="B", block=block)
+    assert [len(s) for s in (resnet164.layer1, resnet164.layer2, resnet164.layer3)] == [18, 18, 18]
+    assert round(n_params(resnet164) / 1e6, 1) == 1.7
+    assert resnet164.fc.in_features == 256
+    if block is PreActBottleneck:
+        with torch.device("meta"):
+            resnet1001 = CifarResNet(1001, shortcut="B", block=block)
+        assert len(resnet1001.layer1) == 111
+        assert round(conv_and_fc_weights(resnet1001) / 1e6, 1) == 10.2
+        assert round(n_params(resnet1001) / 1e6, 2) == 10.33  # BN's scale and shift included
+
+
+def relus_after(graph: fx.Graph, node: fx.Node, modules: dict) -> bool:
+    """Whether `node` feeds a ReLU directly."""
+    return any(
+        (u.op == "call_module" and isinstance(modules[u.target], nn.ReLU)) or u.target in (torch.relu, F.relu)
+        for u in node.users
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(PREACT_BLOCKS))
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_a_preactivation_net_has_no_relu_after_an_addition_and_one_bn_relu_before_pooling(kind, shortcut):
+    depth = 20 if kind == "basic" else 29
+    model = CifarResNet(depth, shortcut=shortcut, block=PREACT_BLOCKS[kind])
+    traced = fx.symbolic_trace(model)
+    modules = dict(traced.named_modules())
+    additions = [n for n in traced.graph.nodes if n.target in (operator.add, operator.iadd, torch.add)]
+    assert len(additions) == 9
+    assert not any(relus_after(traced.graph, n, modules) for n in additions)
+    [pool] = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == "avgpool"]
+    relu = pool.args[0]
+    assert isinstance(modules[relu.target], nn.ReLU)
+    assert isinstance(modules[relu.args[0].target], nn.BatchNorm2d)
+    assert relu.args[0].args[0] in additions  # the last unit's sum, normalised once
+    # The stem is a bare conv: the first unit's own BN-ReLU normalises it.
+    assert isinstance(model.bn1, nn.Identity)
+    # The original unit, for contrast: a ReLU after every addition.
+    original = fx.symbolic_trace(CifarResNet(20))
+    original_modules = dict(original.named_modules())
+    original_adds = [n for n in original.graph.nodes if n.target in (operator.add, operator.iadd, torch.add)]
+    assert all(relus_after(original.graph, n, original_modules) for n in original_adds)
+
+
+@pytest.mark.parametrize("block", [PreActBasicBlock, PreActBottleneck, Bottleneck])
+@pytest.mark.parametrize("residual", [True, False])
+def test_sequel_units_forward_backward_and_zero_init(block, residual):
+    depth = 20 if block.weighted_layers == 2 else 29
+    model = CifarResNet(depth, shortcut="B", residual=residual, block=block, zero_init_residual=True)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    last = model.layer2[1]
+    last_weight = {PreActBasicBlock: "conv2", PreActBottleneck: "conv3", Bottleneck: "bn3"}[block]
+    assert getattr(last, last_weight).weight.any() != residual  # zeroed only on residual branches
+
+
+def test_a_preactivation_unit_starts_as_the_identity_when_zero_initialised():
+    unit = PreActBottleneck(64, 16, shortcut="B")
+    unit.zero_init_last()
+    x = torch.randn(2, 64, 8, 8)
+    assert torch.equal(unit(x), x)
+
+
+def test_the_imagenet_trunk_takes_a_preactivation_unit_and_keeps_its_stem():
+    model = ImageNetResNet(50, block=PreActBottleneck)
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.final_norm, nn.BatchNorm2d)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.raises(ConfigError, match="ResNet-50 is built of 3-layer units.*PreActBasicBlock has 2"):
+        ImageNetResNet(50, block=PreActBasicBlock)
+
+
+def test_bottleneck_cifar_depth_names_nearest_valid():
+    with pytest.raises(ConfigError, match=r"with PreActBottleneck must be 9n\+2 .*164, 1001.*got 111; .*110 or 119"):
+        CifarResNet(111, block=PreActBottleneck)

@@ -102,7 +102,8 @@ def test_predict_returns_probabilities(tmp_path):
     torch.testing.assert_close(probs.sum(1), torch.ones(6))
 
 
-def test_training_curves_log_the_mean_of_each_logging_window(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_curves_log_the_mean_of_each_logging_window(tmp_path, accumulate):
     L.seed_everything(0)
     model = ImageClassifier(CifarResNet(8), optimizer=sgd)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
@@ -110,16 +111,21 @@ def test_training_curves_log_the_mean_of_each_logging_window(tmp_path):
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
+            losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)  # Lightning divides it for backward
             errors.append(float(outputs["err_top1"]))
 
     logger = CSVLogger(tmp_path, name="run")
     callbacks = [Record(), ValidateAtMaxSteps()]  # as in every CLI run: it makes Lightning write the last step
-    trainer = quiet_trainer(tmp_path, max_steps=10, log_every_n_steps=4, logger=logger, callbacks=callbacks)
+    trainer = quiet_trainer(
+        tmp_path, max_steps=10, log_every_n_steps=4, logger=logger, callbacks=callbacks,
+        accumulate_grad_batches=accumulate,
+    )  # fmt: skip
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").open()))
     logged = {int(r["step"]): (float(r["train/loss"]), float(r["train/err_top1"])) for r in rows if r["train/loss"]}
-    windows = {3: slice(0, 4), 7: slice(4, 8), 9: slice(8, 10)}  # every 4th iteration, and the last one
+    # Every 4th optimizer step, and the last one; with accumulation a step's window holds all its micro-batches.
+    a = accumulate
+    windows = {3: slice(0, 4 * a), 7: slice(4 * a, 8 * a), 9: slice(8 * a, 10 * a)}
     assert sorted(logged) == sorted(windows)
     for step, window in windows.items():
         assert logged[step][0] == pytest.approx(sum(losses[window]) / len(losses[window]), rel=1e-5)
@@ -127,6 +133,7 @@ def test_training_curves_log_the_mean_of_each_logging_window(tmp_path):
     [epoch0] = [r for r in rows if r["train/loss_epoch"]][:1]
     assert float(epoch0["train/loss_epoch"]) == pytest.approx(sum(losses[:8]) / 8, rel=1e-5)
     assert float(epoch0["train/err_top1_epoch"]) == pytest.approx(sum(errors[:8]) / 8, rel=1e-5)
+    assert float(epoch0["train/acc_top1_epoch"]) == pytest.approx(1 - sum(errors[:8]) / 800, rel=1e-5)
 
 
 def test_a_backbone_built_in_python_is_not_a_hyperparameter(tmp_path):

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIGS, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
-from resnet_lab.errors import DataError
+from resnet_lab.errors import ConfigError, DataError
+from resnet_lab.models import Bottleneck, PreActBasicBlock, PreActBottleneck
 from resnet_lab.paper.__main__ import main as paper
 from resnet_lab.paper.responses import LayerResponseMonitor, layer_response_std, responses_of_3x3_layers
 from resnet_lab.paper.runs import Run, find_runs
@@ -156,6 +157,28 @@ def test_layer_response_std_equals_a_hand_computation():
     torch.testing.assert_close(std, expected, rtol=1e-6, atol=1e-9)
     # Bottlenecks: only the BN after the 3x3 conv, never the 1x1s or the 7x7 stem.
     assert [n for n, _ in responses_of_3x3_layers(ImageNetResNet(50))][:2] == ["layer1.0.bn2", "layer1.1.bn2"]
+
+
+@pytest.mark.parametrize(
+    "block,depth,expected",
+    [
+        # The stem conv (no BN of its own) and each unit's 3x3 convs: what a pre-activation unit adds to its input.
+        (PreActBasicBlock, 8, ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2",
+                               "layer3.0.conv1", "layer3.0.conv2"]),
+        (PreActBottleneck, 11, ["conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2"]),
+        (Bottleneck, 11, ["bn1", "layer1.0.bn2", "layer2.0.bn2", "layer3.0.bn2"]),
+    ],
+)  # fmt: skip
+def test_fig7_measures_the_3x3_layers_each_unit_declares(block, depth, expected):
+    net = CifarResNet(depth, shortcut="B", block=block)
+    assert [n for n, _ in responses_of_3x3_layers(net)] == expected
+    names, std = layer_response_std(net, [(torch.randn(4, 3, 32, 32), torch.zeros(4))])
+    assert names == expected and (std > 0).all()
+
+
+def test_fig7_refuses_a_network_that_declares_no_response_layers():
+    with pytest.raises(ConfigError, match="ResNet does not declare which layers Fig. 7 measures"):
+        responses_of_3x3_layers(torchvision.models.resnet18())
 
 
 def test_responses_command_on_run_checkpoints(seeded_runs, tmp_path):

@@ -13,13 +13,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.checkpoints import check_state_dict_matches
 from resnet_lab.errors import ConfigError
+from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
     # validate_args=False: the checks call torch.unique on the labels, a host-device sync on every update.
-    metrics = {"acc_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
     if num_classes >= 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
     return MetricCollection(metrics)
 
 
@@ -28,9 +29,10 @@ class ImageClassifier(L.LightningModule):
 
     Logs `{val,test}/loss`, `.../acc_top1`, `.../acc_top5` and the matching error in percent (`.../err_top1`,
     `.../err_top5`: the paper's tables are in error %), per epoch; they average the softmax over every view the
-    data module gives an image (one centre crop, ten crops, or several scales). Training logs `train/loss` and
-    `train/err_top1` against the iteration (the paper's curves), each the mean over the `log_every_n_steps`
-    iterations since the last point, and `train/loss_epoch`, `train/err_top1_epoch`, `train/acc_top1_epoch`.
+    data module gives an image (one centre crop, ten crops, or several scales). Training logs each of
+    `train_metrics` (by default `train/loss`, `train/acc_top1` and `train/err_top1`) against the iteration (the
+    paper's curves), each the mean over the images of the `log_every_n_steps` optimizer steps since the last point
+    (every micro-batch of an accumulated step included), and the same over the epoch as `train/<name>_epoch`.
 
     Checkpoints of a model built from a config (the CLI) rebuild it with `ImageClassifier.load_from_checkpoint(path)`.
     Built in Python, only the plain arguments are hyperparameters: pass the backbone again,
@@ -51,6 +53,7 @@ class ImageClassifier(L.LightningModule):
         compile_mode: `torch.compile` mode, e.g. "max-autotune" or "reduce-overhead" (CUDA graphs).
         compile_backend: `torch.compile` backend: "inductor" generates kernels; "aot_eager" checks that the
             graph captures without generating any (quick, for debugging).
+        train_metrics: the training metrics (`resnet_lab.metrics`); None: the loss and the top-1 accuracy.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         compile_backend: str = "inductor",
+        train_metrics: list[TrainingMetric] | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -74,7 +78,7 @@ class ImageClassifier(L.LightningModule):
             # Built in Python rather than from a config: keep plain values only. As a hyperparameter the module would
             # be pickled into every checkpoint beside its own weights and written into hparams.yaml as text by the
             # loggers (minutes for a ResNet-50), and pickled callables stop torch.load(weights_only=True).
-            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "train_metrics"])
         num_classes = getattr(backbone, "num_classes", None)
         if not isinstance(num_classes, int):
             raise ConfigError(f"the backbone {type(backbone).__name__} must expose an integer `num_classes`")
@@ -90,13 +94,9 @@ class ImageClassifier(L.LightningModule):
             self.backbone.compile(mode=None if compile_backend != "inductor" else compile_mode, backend=compile_backend)
         self.val_metrics = _accuracy_metrics(num_classes)
         self.test_metrics = _accuracy_metrics(num_classes)
-        # Training sums of (loss x images, misclassified images): row 0 since the last logged point, row 1 over
-        # the epoch. They stay on the device and are read only when the loggers write, so an iteration costs no
-        # host-device sync and no `self.log` call (0.3-0.7 ms of Python each in Lightning 2.6; on a GPU a few of them
-        # outlast a whole ResNet-20 step).
-        # A plain tensor, not a buffer: DDP would overwrite every process's sums with rank 0's.
-        self.train_sums = torch.zeros(2, 2)
-        self.window_images = self.epoch_images = 0
+        # Summed on the device and read only when the loggers write: no host-device sync and no `self.log` call
+        # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
+        self.train_means = TrainingMeans(train_metrics or default_training_metrics())
 
     def setup(self, stage: str) -> None:
         # An example input lets the model summary count FLOPs and TensorBoard draw the network graph
@@ -128,23 +128,21 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        wrong = (logits.detach().argmax(dim=1) != labels).sum()
-        if self.train_sums.device != loss.device:
-            self.train_sums = self.train_sums.to(loss.device)
-        self.train_sums += torch.stack((loss.detach() * len(labels), wrong.float()))
-        self.window_images += len(labels)
-        self.epoch_images += len(labels)
-        if self._loggers_write_after_this_step():
-            mean_loss, mean_wrong = (self.train_sums[0] / self.window_images).unbind()
-            self.log("train/loss", mean_loss, on_step=True, on_epoch=False)
-            self.log("train/err_top1", 100.0 * mean_wrong, on_step=True, on_epoch=False)
-            self.train_sums[0].zero_()
-            self.window_images = 0
+        means = self.train_means.update(logits, labels, loss)
+        # Here rather than after the step, so that a checkpoint written after this iteration holds the window
+        # already taken. Only the micro-batch that completes an optimizer step logs: the window then holds every
+        # micro-batch of its steps.
+        if self._completes_optimizer_step(batch_idx) and self._loggers_write_after_this_step():
+            self.log_dict(self.train_means.named(self.train_means.take(0), "train/"), on_step=True, on_epoch=False)
         # Callbacks read the iteration's own values from these outputs (e.g. the warm-up switch, the NaN stop).
-        return {"loss": loss, "err_top1": wrong * (100.0 / len(labels))}
+        return {**self.train_means.named(means), "loss": loss}
+
+    def _completes_optimizer_step(self, batch_idx: int) -> bool:
+        done, trainer = batch_idx + 1, self.trainer
+        return done % trainer.accumulate_grad_batches == 0 or done == trainer.num_training_batches
 
     def _loggers_write_after_this_step(self) -> bool:
-        # Lightning writes step values after the iterations where this holds, and after the last one.
+        # Lightning writes step values after the optimizer steps where this holds, and after the last one.
         trainer = self.trainer
         step = self.global_step + 1
         return step % trainer.log_every_n_steps == 0 or step == trainer.max_steps or bool(trainer.fast_dev_run)
@@ -159,10 +157,12 @@ class ImageClassifier(L.LightningModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         # compute() reduces over all processes, so the logged value is already global and the sync a no-op.
-        for name, acc in metrics.compute().items():
-            for key, value in ((f"acc_{name[4:]}", acc), (f"err_{name[4:]}", 100.0 * (1.0 - acc))):
-                self.log(f"{stage}/{key}", value, prog_bar=name == "acc_top1", sync_dist=True)
+        accuracies = metrics.compute()
         metrics.reset()
+        self.log(f"{stage}/acc_top1", accuracies["top1"], prog_bar=True, sync_dist=True)
+        logged = {f"{stage}/acc_{k}": v for k, v in accuracies.items() if k != "top1"}
+        logged |= {f"{stage}/err_{k}": 100.0 * (1.0 - v) for k, v in accuracies.items()}
+        self.log_dict(logged, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -183,12 +183,9 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # Every process trains on as many images, so the mean over processes is the global mean.
-        mean_loss, mean_wrong = (self.train_sums[1] / max(self.epoch_images, 1)).unbind()
-        self.log("train/loss_epoch", mean_loss, sync_dist=True, prog_bar=True)
-        self.log("train/err_top1_epoch", 100.0 * mean_wrong, sync_dist=True)
-        self.log("train/acc_top1_epoch", 1.0 - mean_wrong, sync_dist=True)
-        self.train_sums[1].zero_()
-        self.epoch_images = 0
+        epoch = self.train_means.named(self.train_means.take(1), "train/", "_epoch")
+        self.log("train/loss_epoch", epoch.pop("train/loss_epoch"), sync_dist=True, prog_bar=True)
+        self.log_dict(epoch, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
@@ -198,13 +195,12 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run resumed mid-epoch logs the same window and epoch means as one never stopped.
-        checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": [self.window_images, self.epoch_images]}
+        checkpoint["train_means"] = self.train_means.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_state_dict_matches(self, checkpoint.get("state_dict", {}), "the checkpoint")
-        if "train_sums" in checkpoint:
-            self.train_sums = checkpoint["train_sums"]["sums"].clone()
-            self.window_images, self.epoch_images = checkpoint["train_sums"]["images"]
+        if "train_means" in checkpoint:
+            self.train_means.load_state_dict(checkpoint["train_means"])
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
         optimizer = self.optimizer(self.parameters())

@@ -1,4 +1,11 @@
-from resnet_lab.models.blocks import BasicBlock, Bottleneck, PadShortcut, make_shortcut
+from resnet_lab.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    PadShortcut,
+    PreActBasicBlock,
+    PreActBottleneck,
+    make_shortcut,
+)
 from resnet_lab.models.resnet import IMAGENET_LAYOUTS, CifarResNet, ImageNetResNet, ResNet
 
 __all__ = [
@@ -8,6 +15,8 @@ __all__ = [
     "CifarResNet",
     "ImageNetResNet",
     "PadShortcut",
+    "PreActBasicBlock",
+    "PreActBottleneck",
     "ResNet",
     "make_shortcut",
 ]

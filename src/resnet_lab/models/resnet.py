@@ -4,15 +4,25 @@ Both are one trunk, `ResNet`, with a different stem, widths and stage depths. Wi
 have torchvision's state-dict keys and shapes, so `torchvision.models.resnet50().state_dict()` loads strictly.
 """
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from resnet_lab.errors import ConfigError
-from resnet_lab.models.blocks import BasicBlock, Block, Bottleneck, Shortcut, check_shortcut, init_weights
+from resnet_lab.models.blocks import (
+    BasicBlock,
+    Block,
+    Bottleneck,
+    NormLayer,
+    Shortcut,
+    check_shortcut,
+    init_weights,
+)
 
 
 @contextmanager
@@ -45,14 +55,18 @@ def checkpointed(block: nn.Module, x: Tensor) -> Tensor:
 
 
 class ResNet(nn.Module):
-    """Stem, stages of blocks, global average pooling and a linear classifier.
+    """Stem, stages of residual units, global average pooling and a linear classifier.
 
-    Global average pooling before the classifier lets the net run fully convolutionally on any input size.
+    Global average pooling before the classifier lets the net run fully convolutionally on any input size. Every
+    unit is built as `block(in_planes, planes, stride, shortcut=, residual=, norm_layer=, **block_kwargs)`; what
+    differs between units (zero-init, Fig. 7's layers, pre-activation) is declared by the unit class, so a new unit
+    is one class (see `resnet_lab.models.blocks`). With a pre-activation unit the net ends in one BN-ReLU before
+    pooling, and a stem without a max pool has no BN-ReLU of its own: the first unit normalises its output.
 
     Args:
-        block: `BasicBlock` or `Bottleneck`.
-        layers: number of blocks in each stage.
-        widths: base width of each stage (a bottleneck outputs 4x this).
+        block: the unit class, e.g. `BasicBlock`, `Bottleneck`, `PreActBasicBlock`, `PreActBottleneck`.
+        layers: number of units in each stage.
+        widths: base width of each stage (a unit outputs `block.expansion` times this).
         stem_width: output channels of the first convolution.
         stem_kernel_size: kernel of the first convolution (3 on CIFAR, 7 on ImageNet).
         stem_stride: stride of the first convolution.
@@ -60,10 +74,11 @@ class ResNet(nn.Module):
         shortcut: "A", "B" or "C" (Sec. 3.3); ignored by plain nets.
         residual: False builds the plain counterpart with the same layers and no shortcuts.
         num_classes: outputs of the classifier.
-        zero_init_residual: start each residual branch's last BN at zero (not in the paper).
-        stride_in_1x1: bottlenecks only: stride on the first 1x1 conv (paper) or on the 3x3 (torchvision).
-        activation_checkpointing: in training, keep only each block's input and recompute the rest during
-            backward: about a third of the activation memory for about a third more compute.
+        zero_init_residual: start each residual branch at zero (`zero_init_last()` of each unit; not in the paper).
+        norm_layer: builds a normalisation layer from a channel count (default BN).
+        block_kwargs: further keyword arguments of every unit, e.g. `{"stride_in_1x1": False}` for `Bottleneck`.
+        activation_checkpointing: in training, keep only each unit's input and recompute the rest during
+            backward: much less activation memory for about a third more compute (docs/benchmarks.md).
     """
 
     def __init__(
@@ -80,7 +95,8 @@ class ResNet(nn.Module):
         residual: bool,
         num_classes: int,
         zero_init_residual: bool = False,
-        stride_in_1x1: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        block_kwargs: dict[str, Any] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -91,13 +107,18 @@ class ResNet(nn.Module):
         self.shortcut = shortcut
         self.residual = residual
         self.activation_checkpointing = activation_checkpointing
-        self._block_kwargs = {"stride_in_1x1": stride_in_1x1} if block is Bottleneck else {}
+        self.norm_layer = norm_layer
+        self.block_kwargs = dict(block_kwargs or {})
+        pre_activation = bool(getattr(block, "pre_activation", False))
 
         self.conv1 = nn.Conv2d(
             3, stem_width, stem_kernel_size, stride=stem_stride, padding=stem_kernel_size // 2, bias=False
         )
-        self.bn1 = nn.BatchNorm2d(stem_width)
-        self.relu = nn.ReLU(inplace=True)
+        # The authors' pre-activation code keeps the ImageNet stem's BN-ReLU (its max pool needs an activated input).
+        stem_norm = stem_pool or not pre_activation
+        self._stem_response = "bn1" if stem_norm else "conv1"
+        self.bn1 = norm_layer(stem_width) if stem_norm else nn.Identity()
+        self.relu = nn.ReLU(inplace=True) if stem_norm else nn.Identity()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem_pool else nn.Identity()
 
         self.in_planes = stem_width
@@ -106,6 +127,9 @@ class ResNet(nn.Module):
             name = f"layer{i + 1}"
             self.add_module(name, self._make_layer(block, width, num_blocks, stride=1 if i == 0 else 2))
             self.stage_names.append(name)
+        # A pre-activation net's last unit leaves its sum un-normalised: one BN-ReLU before pooling.
+        self.final_norm = norm_layer(self.in_planes) if pre_activation else nn.Identity()
+        self.final_relu = nn.ReLU(inplace=True) if pre_activation else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.in_planes, num_classes)
         init_weights(self, zero_init_residual)
@@ -120,11 +144,21 @@ class ResNet(nn.Module):
                     stride if i == 0 else 1,
                     shortcut=self.shortcut,
                     residual=self.residual,
-                    **self._block_kwargs,
+                    norm_layer=self.norm_layer,
+                    **self.block_kwargs,
                 )
             )
             self.in_planes = planes * block.expansion
         return nn.Sequential(*blocks)
+
+    def response_layers(self) -> list[nn.Module]:
+        """The modules whose outputs are the 3x3 layers' responses of Fig. 7, in network order: the stem's (after its
+        BN, or the conv itself without one) if it is a 3x3, then each unit's own."""
+        layers = [getattr(self, self._stem_response)] if self.conv1.kernel_size == (3, 3) else []
+        for name in self.stage_names:
+            for unit in getattr(self, name):
+                layers += unit.response_layers()
+        return layers
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """Every stage's output feature map, for forks that build detectors or segmenters on top."""
@@ -141,24 +175,27 @@ class ResNet(nn.Module):
         return features
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.forward_stages(x)[-1]
+        x = self.final_relu(self.final_norm(self.forward_stages(x)[-1]))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 class CifarResNet(ResNet):
-    """The paper's CIFAR-10 nets (Sec. 4.2): 6n+2 weighted layers on 32x32 inputs.
+    """The CIFAR nets: a 3x3 stem with 16 filters, three stages of n units on 32, 16 and 8 maps, global average
+    pooling and a fully connected layer.
 
-    A 3x3 stem with 16 filters, three stages of n basic blocks with 16, 32 and 64 filters on 32, 16 and 8 maps,
-    global average pooling and a fully connected layer.
+    With basic units (the paper, Sec. 4.2) the stages have 16, 32 and 64 filters and the depth is 6n+2; with
+    bottleneck units (the sequel) they output 64, 128 and 256 (bottleneck widths 16, 32, 64) and the depth is 9n+2.
 
     Args:
-        depth: 6n+2 for any n >= 1: 20, 32, 44, 56, 110, 1202...
+        depth: 6n+2 for two-layer units (20, 32, 44, 56, 110, 1202...), 9n+2 for three-layer ones (164, 1001...).
         shortcut: "A" (the paper's CIFAR choice: residual and plain nets have the same parameters), "B" or "C".
         residual: False builds the plain net of the same depth.
         num_classes: 10 for CIFAR-10, 100 for CIFAR-100 (the CLI links it to the data module).
-        zero_init_residual: start each residual branch's last BN at zero (not in the paper).
+        zero_init_residual: start each residual branch at zero (not in the paper).
         activation_checkpointing: recompute activations in backward instead of keeping them (ResNet-1202 at
             batch 128 on a small GPU).
+        block: the unit class (`BasicBlock`, `Bottleneck`, `PreActBasicBlock`, `PreActBottleneck`, or a fork's own).
+        block_kwargs: further keyword arguments of every unit.
     """
 
     def __init__(
@@ -169,17 +206,21 @@ class CifarResNet(ResNet):
         num_classes: int = 10,
         zero_init_residual: bool = False,
         activation_checkpointing: bool = False,
+        block: Block = BasicBlock,
+        block_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if depth < 8 or (depth - 2) % 6:
-            below = (depth - 2) // 6 * 6 + 2
-            nearest = [d for d in (below, below + 6) if d >= 8] or [8]
+        per_stage = 3 * getattr(block, "weighted_layers", 2)
+        if depth < per_stage + 2 or (depth - 2) % per_stage:
+            below = (depth - 2) // per_stage * per_stage + 2
+            nearest = [d for d in (below, below + per_stage) if d >= per_stage + 2] or [per_stage + 2]
+            examples = {6: " (20, 32, 44, 56, 110, 1202...)", 9: " (164, 1001...)"}.get(per_stage, "")
             raise ConfigError(
-                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202...), got {depth}; "
+                f"CIFAR ResNet depth with {block.__name__} must be {per_stage}n+2 with n >= 1{examples}, got {depth}; "
                 f"nearest valid: {' or '.join(map(str, nearest))}"
             )
-        n = (depth - 2) // 6
+        n = (depth - 2) // per_stage
         super().__init__(
-            BasicBlock,
+            block,
             layers=[n, n, n],
             widths=[16, 32, 64],
             stem_width=16,
@@ -190,6 +231,7 @@ class CifarResNet(ResNet):
             residual=residual,
             num_classes=num_classes,
             zero_init_residual=zero_init_residual,
+            block_kwargs=block_kwargs,
             activation_checkpointing=activation_checkpointing,
         )
         self.depth = depth
@@ -210,6 +252,8 @@ class ImageNetResNet(ResNet):
 
     Args:
         depth: 18 or 34 (basic blocks), 50, 101 or 152 (bottlenecks).
+        block: the unit class; None: Table 1's (`BasicBlock` for 18/34, `Bottleneck` for 50/101/152). Another
+            one must have as many layers per unit (e.g. `PreActBottleneck` for 50/101/152).
         shortcut: "B" (the paper's choice for 50/101/152; torchvision's layout), "A" or "C" (Table 3).
         residual: False builds the plain net of the same depth (Table 2).
         num_classes: 1000 for ImageNet-1k (the CLI links it to the data module).
@@ -228,12 +272,21 @@ class ImageNetResNet(ResNet):
         stride_in_1x1: bool = True,
         zero_init_residual: bool = False,
         activation_checkpointing: bool = False,
+        block: Block | None = None,
     ) -> None:
         if depth not in IMAGENET_LAYOUTS:
             raise ConfigError(
                 f"ImageNet ResNet depth must be one of {', '.join(map(str, IMAGENET_LAYOUTS))} (Table 1), got {depth}"
             )
-        block, layers = IMAGENET_LAYOUTS[depth]
+        default_block, layers = IMAGENET_LAYOUTS[depth]
+        block = block or default_block
+        if getattr(block, "weighted_layers", None) != default_block.weighted_layers:
+            raise ConfigError(
+                f"ImageNet ResNet-{depth} is built of {default_block.weighted_layers}-layer units (Table 1); "
+                f"{block.__name__} has {getattr(block, 'weighted_layers', '?')}"
+            )
+        # The stride placement is a bottleneck option; units without it take none.
+        accepts_stride_option = "stride_in_1x1" in inspect.signature(block).parameters
         super().__init__(
             block,
             layers=layers,
@@ -246,7 +299,7 @@ class ImageNetResNet(ResNet):
             residual=residual,
             num_classes=num_classes,
             zero_init_residual=zero_init_residual,
-            stride_in_1x1=stride_in_1x1,
+            block_kwargs={"stride_in_1x1": stride_in_1x1} if accepts_stride_option else None,
             activation_checkpointing=activation_checkpointing,
         )
         self.depth = depth

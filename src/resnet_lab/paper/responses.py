@@ -1,4 +1,5 @@
-"""Fig. 7: the standard deviation of every 3x3 layer's response, after BN and before the ReLU or the addition.
+"""Fig. 7: the standard deviation of every 3x3 layer's response, after BN and before the ReLU or the addition
+(for pre-activation units, the 3x3 convolution's own output).
 
 The std of a layer is taken over every element of its output (images, channels and positions) on the whole
 evaluation set, accumulated in float64.
@@ -14,20 +15,22 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from resnet_lab.errors import ConfigError
 from resnet_lab.paper.runs import save_figure, write_csv
 
 
-def responses_of_3x3_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
-    """Each BN that directly follows a 3x3 convolution, in network order."""
-    layers, last_conv = [], None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = module
-        elif isinstance(module, nn.BatchNorm2d) and last_conv is not None:
-            if last_conv.kernel_size == (3, 3) and last_conv.out_channels == module.num_features:
-                layers.append((name, module))
-            last_conv = None
-    return layers
+def responses_of_3x3_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs are the 3x3 layers' responses, in network order, as the network declares them
+    (`response_layers()`: after BN for the original units, the 3x3 convs' own outputs for pre-activation ones)."""
+    model = getattr(model, "backbone", model)  # an ImageClassifier, or the network itself
+    declared = getattr(model, "response_layers", None)
+    if not callable(declared):
+        raise ConfigError(
+            f"{type(model).__name__} does not declare which layers Fig. 7 measures: give it a response_layers() "
+            "method returning those modules (see resnet_lab.models.ResNet)"
+        )
+    names = {module: name for name, module in model.named_modules()}
+    return [(names[module], module) for module in declared()]
 
 
 class ResponseStats:
@@ -38,10 +41,20 @@ class ResponseStats:
         self.sums = torch.zeros(len(self.layers), 3, dtype=torch.float64)
         self.handles: list = []
 
-    def __enter__(self) -> "ResponseStats":
+    def attach(self) -> None:
+        """Start accumulating (from zero)."""
+        self.detach()
         self.sums.zero_()
-        for i, (_, bn) in enumerate(self.layers):
-            self.handles.append(bn.register_forward_hook(self._hook(i)))
+        for i, (_, layer) in enumerate(self.layers):
+            self.handles.append(layer.register_forward_hook(self._hook(i)))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> "ResponseStats":
+        self.attach()
         return self
 
     def _hook(self, index: int):  # noqa: ANN202
@@ -54,9 +67,7 @@ class ResponseStats:
         return accumulate
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.detach()
 
     def std(self) -> Tensor:
         count, total, squares = self.sums.cpu().unbind(dim=1)
@@ -115,12 +126,19 @@ class LayerResponseMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active(trainer):
-            self.stats = ResponseStats(pl_module).__enter__()
+            self.stats = ResponseStats(pl_module)
+            self.stats.attach()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Hooks left on the network would keep measuring in whatever runs next in this process.
+        if self.stats is not None:
+            self.stats.detach()
+            self.stats = None
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.stats is None:
             return
-        self.stats.__exit__()
+        self.stats.detach()
         self.last_std = self.stats.std()
         self.stats = None
         pl_module.log("responses/mean_std", self.last_std.mean().item())

@@ -1,0 +1,72 @@
+"""Every config file fits: each experiment for an iteration on tiny real-format data, each preset stacked on a small
+experiment (torchgeo runs every one of its configs the same way)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONFIGS
+from resnet_lab.cli import main
+
+EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))
+PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+# An iteration and one validation batch, without the progress bar, model summary and TensorBoard graph (tracing a
+# 1202-layer net outlasts its iteration).
+TINY = [
+    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.logger.init_args.log_graph", "false",
+]  # fmt: skip
+# What a preset needs on a machine with no GPU: the rest of it runs as written.
+ON_THIS_CPU = {
+    "ddp": ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.sync_batchnorm", "false"],
+    "multinode": [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
+        "--trainer.sync_batchnorm", "false",
+    ],
+    "fp16": ["--trainer.precision", "bf16-mixed"],  # float16 autocast is GPU-only in Lightning
+    # Inductor would compile for a minute; aot_eager captures the same graph without generating kernels.
+    "gpu_fast": ["--model.compile_backend", "aot_eager"],
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield
+    # A one-process DDP run leaves its process group behind; later tests in this process must not see it.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def data_for(config: Path, cifar_root: Path, imagenet_root: Path) -> list[str]:
+    data = yaml.safe_load(config.read_text())["data"]["class_path"]
+    if data.endswith("CIFAR10DataModule"):
+        return ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.batch_size", "8"]
+    if data.endswith("ImageNetDataModule"):
+        return ["--data.root", str(imagenet_root), "--data.batch_size", "2", "--data.num_workers", "0"]
+    return ["--data.train_size", "64", "--data.val_size", "16"]
+
+
+def fit(config_args: list[str], tmp_path: Path) -> Path:
+    main(["fit", *config_args, *TINY])
+    [last] = Path("logs").glob("*/version_0/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    return last
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_fits(config, cifar_root, imagenet_root, tmp_path):
+    fit(["--config", str(config), *data_for(config, cifar_root, imagenet_root)], tmp_path)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_fits_stacked_on_an_experiment(preset, cifar_root, imagenet_root, tmp_path):
+    family = "resnet18_imagenette" if "imagenet" in preset.stem else "resnet20_cifar"
+    experiment = CONFIGS / f"{family}.yaml"
+    args = ["--config", str(experiment), "--config", str(preset), *data_for(experiment, cifar_root, imagenet_root)]
+    if family == "resnet20_cifar":
+        args += ["--model.backbone.init_args.depth", "8"]
+    fit([*args, *ON_THIS_CPU.get(preset.stem, [])], tmp_path)
