@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from torchvision.transforms import v2
 
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
 from resnet_lab.callbacks import (
@@ -42,8 +43,8 @@ from resnet_lab.callbacks import (
     StopOnNonFiniteLoss,
     ValidateAtMaxSteps,
 )
-from resnet_lab.data.base import Standardize, TensorImageDataset, crop_flip_transform
-from resnet_lab.data.device import DeviceBatches
+from resnet_lab.data.base import Standardize
+from resnet_lab.data.batches import BatchOrder, BatchTransforms, DeviceBatches, PadCropFlip
 
 
 def sync(device: torch.device) -> None:
@@ -55,6 +56,19 @@ def autocast(device: torch.device, precision: str):  # noqa: ANN201
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class PerImage(torch.utils.data.Dataset):
+    """uint8 images transformed one at a time, as a DataLoader pipeline does."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: torch.nn.Module) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
 
 
 class Repeat:
@@ -74,13 +88,34 @@ def sgd(params, fused: bool = False):  # noqa: ANN001, ANN201
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused or None)
 
 
-def cifar_stream(device: torch.device, batch: int, steps: int, seed: int = 0) -> DeviceBatches:
+class CifarStream:
+    """Device-resident CIFAR batches, pad-crop-flipped and normalised by the data module's `BatchTransforms`."""
+
+    batch_sampler = None
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch: int, normalize: Standardize) -> None:
+        self.batches = DeviceBatches(images, labels, BatchOrder(len(labels), batch, True, device=images.device))
+        self.transforms = BatchTransforms([PadCropFlip(4)], normalize)
+
+    @property
+    def sampler(self) -> BatchOrder:
+        return self.batches.order
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):  # noqa: ANN204
+        for images, labels, key in self.batches:
+            yield self.transforms(images, key), labels
+
+
+def cifar_stream(device: torch.device, batch: int, steps: int, seed: int = 0) -> CifarStream:
     g = torch.Generator().manual_seed(seed)
     n = batch * steps
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 10, (n,), generator=g).to(device)
     normalize = Standardize(torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25))
-    return DeviceBatches(images, labels, batch, normalize, train=True, augment=True)
+    return CifarStream(images, labels, batch, normalize)
 
 
 def imagenet_stream(device: torch.device, batch: int, steps: int) -> Repeat:
@@ -182,7 +217,7 @@ def compare_overhead(device, precision, rounds) -> dict:  # noqa: ANN001
     network can train however fast the device is."""
     batch, steps, warmup = 2, 1500, 200
 
-    def stream() -> DeviceBatches:
+    def stream() -> CifarStream:
         return cifar_stream(device, batch, steps)
 
     fit, raw = best_of(
@@ -255,7 +290,7 @@ def compare_pipeline(device, batch, model_rate, workers) -> list[dict]:  # noqa:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
     normalize = Standardize(images.float().div(255).mean(0), torch.ones(1))
-    device_batches = DeviceBatches(images.to(device), labels.to(device), batch, normalize, train=True, augment=True)
+    device_batches = CifarStream(images.to(device), labels.to(device), batch, normalize)
     for _ in zip(range(5), device_batches, strict=False):
         pass
     sync(device)
@@ -264,7 +299,11 @@ def compare_pipeline(device, batch, model_rate, workers) -> list[dict]:  # noqa:
     sync(device)
     device_rate = count / (time.perf_counter() - start)
 
-    dataset = TensorImageDataset(images, labels, crop_flip_transform(32, 4, normalize))
+    # The usual pipeline, for reference: torchvision's per-image transforms in DataLoader workers.
+    per_image = v2.Compose(
+        [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), normalize]
+    )
+    dataset = PerImage(images, labels, per_image)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,

@@ -73,6 +73,15 @@ def shared_data() -> Path:
     return Path(root)
 
 
+def transformed(dm, loader) -> list:
+    """Each batch of `loader` as (uint8 images as loaded, model input after the data module's transforms, labels)."""
+    out = []
+    for raw, labels, key in loader:
+        images, labels = dm.on_after_batch_transfer((raw, labels, key), 0)
+        out.append((raw, images, labels))
+    return out
+
+
 def quiet_trainer(tmp_path: Path, **kwargs):  # noqa: ANN201
     """A CPU Trainer without logger, checkpoints, progress bar or summary, unless `kwargs` says otherwise."""
     import lightning as L

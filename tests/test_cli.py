@@ -8,7 +8,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, transformed
 from resnet_lab import ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
@@ -182,7 +182,7 @@ def test_bad_depth_from_the_real_command_line_prints_no_traceback(cifar_root, tm
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202...), got 21; "
+        "error: CIFAR ResNet depth with BasicBlock must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202...), got 21; "
         "nearest valid: 20 or 26"
     )
     assert "Traceback" not in result.stderr
@@ -212,7 +212,7 @@ def _first_training_batch(cifar_root: Path, seed: int) -> torch.Tensor:
     cli = ResNetLabCLI(args=[*cifar_args(cifar_root), "--seed_everything", str(seed)], run=False)
     cli.datamodule.trainer = cli.trainer
     cli.datamodule.setup("fit")
-    images, labels = next(iter(cli.datamodule.train_dataloader()))
+    [(_, images, _)] = transformed(cli.datamodule, [next(iter(cli.datamodule.train_dataloader()))])
     return images
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RunsACommand, write_cifar_batch
+from conftest import RunsACommand, transformed, write_cifar_batch
 from resnet_lab.data import CIFAR10DataModule, CIFAR100DataModule, SyntheticDataModule
 from resnet_lab.data.base import split_indices
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
@@ -40,50 +40,64 @@ def _read(root, i):
 
 def test_cifar_pixel_mean_comes_from_the_train_split(cifar_root):
     dm = make_cifar(cifar_root, val_size=50)
-    normalize = dm.train_set.transform.transforms[-1]
     expected = dm.train_set.images.float().div(255).mean(0)
-    torch.testing.assert_close(normalize.mean, expected)
+    torch.testing.assert_close(dm.normalize.mean, expected)
     # Evaluation applies only the mean subtraction: every validation image is recovered exactly.
-    image, label = dm.val_set[3]
-    torch.testing.assert_close(image + expected, dm.val_set.images[3].float() / 255)
-    assert label == dm.val_set.labels[3]
+    raw, images, labels = transformed(dm, dm.val_dataloader())[0]
+    torch.testing.assert_close(images + expected, raw.float() / 255)
+    assert torch.equal(raw, dm.val_set.images[:8]) and torch.equal(labels, dm.val_set.labels[:8])
     channel = make_cifar(cifar_root, val_size=50, normalization="channel")
-    x, _ = next(iter(channel.val_dataloader()))
+    _, x, _ = transformed(channel, channel.val_dataloader())[0]
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
 
 
-def test_cifar_augmentation_is_pad_crop_flip(cifar_root):
-    dm = make_cifar(cifar_root, val_size=50)
-    torch.manual_seed(0)
-    source = dm.train_set.images[0].float() / 255 - dm.train_set.transform.transforms[-1].mean
-    padded = torch.nn.functional.pad(dm.train_set.images[0].float() / 255, (4, 4, 4, 4))
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_cifar_augmentation_is_pad_crop_flip_on_both_loaders(cifar_root, loader):
+    dm = make_cifar(cifar_root, val_size=50, loader=loader)
     seen_shift, seen_flip = set(), False
-    for _ in range(40):
-        out, _ = dm.train_set[0]
-        assert out.shape == (3, 32, 32)
-        raw = out + dm.train_set.transform.transforms[-1].mean
-        # Each output is a 32x32 window of the 4-pixel-padded image, possibly mirrored.
-        for flip in (False, True):
-            candidate = raw.flip(-1) if flip else raw
+    for raw, images, _ in transformed(dm, dm.train_dataloader()):
+        for source, out in zip(raw, images + dm.normalize.mean, strict=True):
+            padded = torch.nn.functional.pad(source.float() / 255, (4, 4, 4, 4))
+            # Each output is a 32x32 window of the 4-pixel-padded image, possibly mirrored.
             hits = [
-                (dy, dx)
+                (dy, dx, flip)
+                for flip in (False, True)
                 for dy in range(9)
                 for dx in range(9)
-                if torch.allclose(padded[:, dy : dy + 32, dx : dx + 32], candidate, atol=1e-6)
+                if torch.allclose(padded[:, dy : dy + 32, dx : dx + 32], out.flip(-1) if flip else out, atol=1e-6)
             ]
-            if hits:
-                seen_shift.add(hits[0])
-                seen_flip |= flip
-                break
-        else:
-            pytest.fail("augmented image is not a crop of the padded image")
-    assert len(seen_shift) > 5 and seen_flip
-    assert source.shape == (3, 32, 32)
+            assert hits, "not a window of the padded image"
+            seen_shift.add(hits[0][:2])
+            seen_flip |= hits[0][2]
+    assert len(seen_shift) > 20 and seen_flip
+
+
+def test_an_augmentation_named_in_the_config_takes_effect_on_both_loaders(cifar_root):
+    # No augmentation at all: training batches are the stored images, normalised.
+    for loader in ("device", "dataloader"):
+        dm = make_cifar(cifar_root, val_size=50, loader=loader, augmentations=[])
+        for raw, images, _ in transformed(dm, dm.train_dataloader()):
+            torch.testing.assert_close(images + dm.normalize.mean, raw.float() / 255)
+
+
+def test_both_loaders_give_identical_training_batches(cifar_root):
+    device, host = (make_cifar(cifar_root, val_size=50, loader=loader) for loader in ("device", "dataloader"))
+    loaders = {dm: dm.train_dataloader() for dm in (device, host)}
+    firsts = []
+    for epoch in (0, 1):
+        for loader in loaders.values():
+            loader.sampler.set_epoch(epoch)
+        a, b = (transformed(dm, loader) for dm, loader in loaders.items())
+        assert len(a) == len(b) == 18
+        firsts.append(a[0][1])
+        for (_, x1, y1), (_, x2, y2) in zip(a, b, strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(*firsts)  # a new order and new draws each epoch
 
 
 def test_cifar_loaders_keep_the_batch_size(cifar_root):
     dm = make_cifar(cifar_root, val_size=50)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32) and y.shape == (8,) and y.dtype == torch.int64
     assert len(dm.train_dataloader()) == 150 // 8
 
@@ -130,12 +144,16 @@ def test_cifar100_reads_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(0)
+    written = {}
     for name, n in (("train", 60), ("test", 20)):
-        labels = [int(x) for x in rng.integers(0, 100, n)]
-        write_cifar_batch(folder / name, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), labels, b"fine_labels")
+        written[name] = [int(x) for x in rng.integers(0, 100, n)]
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        write_cifar_batch(folder / name, images, written[name], b"fine_labels")
     dm = CIFAR100DataModule(root=str(tmp_path), val_size=10, batch_size=4, num_workers=0, download=False)
     dm.setup("fit")
-    assert dm.num_classes == 100 and len(dm.train_set) == 50 and int(dm.train_set.labels.max()) < 100
+    assert dm.num_classes == 100 and len(dm.train_set) == 50
+    assert dm.test_set.labels.tolist() == written["test"]  # the fine labels, in file order
+    assert sorted(dm.train_set.labels.tolist() + dm.val_set.labels.tolist()) == sorted(written["train"])
 
 
 def test_synthetic_data_is_deterministic_and_class_dependent():
@@ -143,8 +161,13 @@ def test_synthetic_data_is_deterministic_and_class_dependent():
     a.setup("fit"), b.setup("fit")
     assert torch.equal(a.val_set.images, b.val_set.images)
     assert len(a.train_set) == 64 and len(a.val_set) == len(a.test_set) == 16
-    x, y = next(iter(a.val_dataloader()))
-    assert x.shape == (16, 3, 32, 32) and y.max() < 10
+    # Class-dependent: the nearest class-mean image of the training set names most validation images' class.
+    train, val = a.train_set, a.val_set
+    means = torch.stack([train.images[train.labels == c].float().mean(0) for c in range(10)])
+    nearest = torch.cdist(val.images.float().flatten(1), means.flatten(1)).argmin(1)
+    assert (nearest == val.labels).float().mean() > 0.8
+    _, x, y = transformed(a, a.val_dataloader())[0]
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and torch.equal(y, val.labels)
 
 
 def test_real_cifar10_loads_with_official_statistics(shared_data):

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
+from conftest import quiet_trainer, transformed
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import ValidateAtMaxSteps
 from resnet_lab.data import SyntheticDataModule
@@ -23,7 +23,7 @@ def test_training_lowers_the_loss_and_logs_errors(tmp_path):
     model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     data = SyntheticDataModule(train_size=512, val_size=128, batch_size=32)
     data.setup("fit")
-    images, labels = next(iter(data.val_dataloader()))
+    _, images, labels = transformed(data, data.val_dataloader())[0]
     with torch.no_grad():
         model.eval()
         loss_before = torch.nn.functional.cross_entropy(model(images), labels)

@@ -5,18 +5,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer
+from conftest import quiet_trainer, transformed
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar
 from resnet_lab.data import CIFAR10DataModule, SyntheticDataModule
 from resnet_lab.data.base import Standardize
-from resnet_lab.data.device import DeviceBatches, crop_flip_draws, random_crop_flip
+from resnet_lab.data.batches import BatchOrder, BatchTransforms, DeviceBatches, PadCropFlip
 
 
 def test_random_crop_flip_takes_windows_of_the_padded_image():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (400, 3, 8, 8), dtype=torch.uint8, generator=g)
-    out = random_crop_flip(images, 2, crop_flip_draws(len(images), 2, g, images.device))
+    augmentation = PadCropFlip(2)
+    out = augmentation.apply(images, augmentation.draw(len(images), g))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     offsets, flips = [], 0
     for i in range(len(images)):
@@ -35,26 +36,27 @@ def test_random_crop_flip_takes_windows_of_the_padded_image():
     assert 150 <= flips <= 250
 
 
-def batches(train: bool, **kwargs) -> DeviceBatches:
+def batches(train: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DeviceBatches:
     images = torch.arange(100, dtype=torch.uint8)[:, None, None, None].expand(100, 3, 4, 4).contiguous()
-    normalize = Standardize(torch.zeros(1), torch.ones(1))
-    return DeviceBatches(images, torch.arange(100), 8, normalize, train=train, augment=False, **kwargs)
+    return DeviceBatches(images, torch.arange(100), BatchOrder(100, 8, train, seed, rank, world_size))
 
 
 def test_device_batches_shuffle_per_epoch_reproducibly_and_shard():
     loader = batches(train=True, seed=3)
-    first = torch.cat([y for _, y in loader])
+    first = torch.cat([y for _, y, _ in loader])
     assert len(loader) == 12 and len(first) == 96 and len(set(first.tolist())) == 96
-    assert torch.equal(first, torch.cat([y for _, y in loader]))  # same epoch, same order
-    loader.set_epoch(1)
-    assert not torch.equal(first, torch.cat([y for _, y in loader]))
-    shards = [torch.cat([y for _, y in batches(train=True, seed=3, rank=r, world_size=3)]) for r in range(3)]
+    assert torch.equal(first, torch.cat([y for _, y, _ in loader]))  # same epoch, same order
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(first, torch.cat([y for _, y, _ in loader]))
+    shards = [torch.cat([y for _, y, _ in batches(train=True, seed=3, rank=r, world_size=3)]) for r in range(3)]
     assert [len(s) for s in shards] == [32, 32, 32]  # equal numbers of batches on every process
     assert len(set(torch.cat(shards).tolist())) == 96
-    evaluation = [torch.cat([y for _, y in batches(train=False, rank=r, world_size=3)]) for r in range(3)]
+    evaluation = [torch.cat([y for _, y, _ in batches(train=False, rank=r, world_size=3)]) for r in range(3)]
     assert sorted(torch.cat(evaluation).tolist()) == list(range(100))
-    x, _ = next(iter(batches(train=False)))
-    assert x.dtype == torch.float32 and x[1, 0, 0, 0] == pytest.approx(1 / 255)
+    x, _, key = next(iter(batches(train=False)))
+    normalize = Standardize(torch.zeros(1), torch.ones(1))
+    x = BatchTransforms([PadCropFlip(1)], normalize)(x, key)  # evaluation batches are not augmented
+    assert x.dtype == torch.float32 and x[1, 0, 0, 0] == pytest.approx(1 / 255) and x[1].eq(1 / 255).all()
 
 
 def test_device_and_dataloader_paths_give_the_same_evaluation_batches(cifar_root):
@@ -66,11 +68,12 @@ def test_device_and_dataloader_paths_give_the_same_evaluation_batches(cifar_root
         return dm
 
     device, reference = data("device"), data("dataloader")
-    for (x1, y1), (x2, y2) in zip(device.val_dataloader(), reference.val_dataloader(), strict=True):
+    a, b = transformed(device, device.val_dataloader()), transformed(reference, reference.val_dataloader())
+    pairs = zip(a, b, strict=True)
+    for (_, x1, y1), (_, x2, y2) in pairs:
         torch.testing.assert_close(x1, x2)
         assert torch.equal(y1, y2)
-    x, y = next(iter(device.train_dataloader()))
-    assert x.shape == (16, 3, 32, 32) and len(device.train_dataloader()) == len(reference.train_dataloader())
+    assert len(device.train_dataloader()) == len(reference.train_dataloader()) == 150 // 16
 
 
 def train_losses(tmp_path, **switches) -> list[float]:
@@ -117,13 +120,6 @@ def test_activation_checkpointing_changes_nothing_but_memory():
     torch.testing.assert_close(checkpointed(x), plain.eval()(x))
 
 
-def test_device_batches_leave_the_callers_normalisation_where_it_was():
-    normalize = Standardize(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
-    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8, device="meta")
-    DeviceBatches(images, torch.zeros(4, dtype=torch.long, device="meta"), 2, normalize, train=False, augment=False)
-    assert normalize.mean.device.type == "cpu"
-
-
 def test_evaluation_of_a_compiled_model_does_not_compile(tmp_path):
     # Validation batches end short and test views vary in size: each new shape would be another compilation.
     from torch._dynamo.utils import counters
@@ -139,16 +135,24 @@ def test_evaluation_of_a_compiled_model_does_not_compile(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1  # training does compile
 
 
-def augmented(rank: int = 0, world_size: int = 1, batch_size: int = 8) -> DeviceBatches:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
-    normalize = Standardize(torch.zeros(1), torch.ones(1))
-    return DeviceBatches(images, torch.arange(64), batch_size, normalize, True, True, 2, 5, rank, world_size)
+class Augmented:
+    """DeviceBatches of 64 random 8x8 images, pad-2 crop-flipped with seed 5, as the data module transforms them."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, batch_size: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+        self.rank, self.world_size = rank, world_size
+        self.loader = DeviceBatches(images, torch.arange(64), BatchOrder(64, batch_size, True, 5, rank, world_size))
+        self.transforms = BatchTransforms([PadCropFlip(2)], Standardize(torch.zeros(1), torch.ones(1)))
+
+    def __iter__(self):  # noqa: ANN204
+        for images, labels, key in self.loader:
+            yield self.transforms(images, key, self.rank, self.world_size), labels
 
 
 def test_processes_share_each_global_batch_and_its_augmentation():
-    single = list(augmented(batch_size=8))
-    shares = [list(augmented(rank, 2, batch_size=4)) for rank in range(2)]
+    single = list(Augmented(batch_size=8))
+    shares = [list(Augmented(rank, 2, batch_size=4)) for rank in range(2)]
     assert len(shares[0]) == len(shares[1]) == len(single) == 8
     for (x, y), (x0, y0), (x1, y1) in zip(single, *shares, strict=True):
         assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)  # distinct shares, together the batch
@@ -156,23 +160,23 @@ def test_processes_share_each_global_batch_and_its_augmentation():
 
 
 def test_a_loader_restored_mid_epoch_continues_with_the_same_batches():
-    reference = augmented()
-    reference.set_epoch(2)
+    reference = Augmented()
+    reference.loader.sampler.set_epoch(2)
     expected = list(reference)
-    interrupted = augmented()
-    interrupted.set_epoch(2)
+    interrupted = Augmented()
+    interrupted.loader.sampler.set_epoch(2)
     stream = iter(interrupted)
     for _ in range(3):
         next(stream)
-    state = interrupted.state_dict()  # what a checkpoint written after the third iteration holds
-    resumed = augmented()
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)  # Lightning sets the epoch before iterating
+    state = interrupted.loader.state_dict()  # what a checkpoint written after the third iteration holds
+    resumed = Augmented()
+    resumed.loader.load_state_dict(state)
+    resumed.loader.sampler.set_epoch(2)  # Lightning sets the epoch before iterating
     rest = list(resumed)
     assert len(rest) == len(expected) - 3
     for (x, y), (xr, yr) in zip(expected[3:], rest, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
-    resumed.set_epoch(3)  # the next epoch starts from its beginning
+    resumed.loader.sampler.set_epoch(3)  # the next epoch starts from its beginning
     assert len(list(resumed)) == len(expected)
 
 

@@ -1,10 +1,15 @@
 from resnet_lab.data.base import DATA_ENV, ClassificationDataModule
+from resnet_lab.data.batches import BatchAugmentation, BatchTransforms, InMemoryDataModule, PadCropFlip
 from resnet_lab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, load_cifar_batches
 from resnet_lab.data.imagenet import ImageNetDataModule
 from resnet_lab.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "DATA_ENV",
+    "BatchAugmentation",
+    "BatchTransforms",
+    "InMemoryDataModule",
+    "PadCropFlip",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassificationDataModule",

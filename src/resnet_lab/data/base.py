@@ -8,7 +8,6 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from resnet_lab.errors import ConfigError
 
@@ -45,41 +44,12 @@ def fit_standardize(images: Tensor, per_pixel: bool) -> Standardize:
     return Standardize(x.mean(dim=(0, 2, 3))[:, None, None], x.std(dim=(0, 2, 3))[:, None, None])
 
 
-class TensorImageDataset(Dataset):
-    """Images held as one uint8 tensor [N, C, H, W], transformed one at a time."""
-
-    def __init__(self, images: Tensor, labels: Tensor, transform: nn.Module) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.transform(self.images[index]), self.labels[index]
-
-
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """A fixed random train / validation split of range(n)."""
     if not 0 <= val_size < n:
         raise ConfigError(f"val_size must be in [0, {n}), got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:], perm[:val_size]
-
-
-def crop_flip_transform(size: int, padding: int, normalize: nn.Module) -> v2.Compose:
-    """The paper's CIFAR augmentation: pad, random crop back to size, random horizontal flip."""
-    return v2.Compose(
-        [
-            v2.RandomCrop(size, padding=padding),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            normalize,
-        ]
-    )
-
-
-def eval_transform(normalize: nn.Module) -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), normalize])
 
 
 class ClassificationDataModule(L.LightningDataModule):

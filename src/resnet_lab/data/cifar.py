@@ -1,6 +1,5 @@
 """CIFAR-10 / CIFAR-100 from the standard python-version batches, with the paper's protocol (Sec. 4.2)."""
 
-import os
 import pickle
 from pathlib import Path
 from typing import Literal
@@ -8,21 +7,10 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from resnet_lab.data.base import (
-    DATA_ENV,
-    ClassificationDataModule,
-    Standardize,
-    TensorImageDataset,
-    crop_flip_transform,
-    eval_transform,
-    fit_standardize,
-    resolve_root,
-    split_indices,
-)
-from resnet_lab.data.device import DeviceBatches
+from resnet_lab.data.base import DATA_ENV, Standardize, fit_standardize, resolve_root, split_indices
+from resnet_lab.data.batches import BatchAugmentation, ImageSplit, InMemoryDataModule, PadCropFlip
 from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -106,7 +94,7 @@ def load_cifar_batches(
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-class CIFAR10DataModule(ClassificationDataModule):
+class CIFAR10DataModule(InMemoryDataModule):
     """CIFAR-10 with the paper's protocol: 45k / 5k train / validation split, 4-pixel pad + random crop + flip,
     per-pixel mean subtraction; the 10k test set for `test` and `predict`.
 
@@ -119,14 +107,15 @@ class CIFAR10DataModule(ClassificationDataModule):
         normalization: "pixel_mean" subtracts the per-pixel mean image of the train split (the paper);
             "channel" subtracts the per-channel mean and divides by the per-channel std of the train split;
             "imagenet" uses the fixed ImageNet mean and std, as the published option-A CIFAR weights expect.
-        augment: pad 4 + random 32x32 crop + horizontal flip on training images.
+        augmentations: applied in order to every training batch, on the device (`resnet_lab.data.batches`); None:
+            the paper's, `PadCropFlip(4)` (pad 4, random 32x32 crop, horizontal flip); [] for none.
         num_workers: loader processes; None follows the machine.
         download: fetch the dataset with torchvision when the folder is missing.
         test_range: [start, stop) of the test images to use; None: all. (A re-packed test set whose later
             images are lossy copies can be restricted to its exact ones.)
-        loader: "device" keeps each split on the training device as uint8 and augments whole batches there
-            (fast; no worker processes); "dataloader" uses a DataLoader with per-image transforms in
-            `num_workers` processes. Both draw crops and flips from the same distribution.
+        loader: "device" keeps each split on the training device as uint8 (fast; no worker processes);
+            "dataloader" keeps it in host memory and copies each batch over from `num_workers` processes. Both give
+            the same batches and augment them in the same place.
         seed: base seed of the "device" loader's per-epoch shuffle and augmentation; None (the default) follows
             the run's `seed_everything`, so runs of different seeds differ in training order and augmentation
             as well as in their initial weights (the split stays fixed by `split_seed`).
@@ -147,28 +136,21 @@ class CIFAR10DataModule(ClassificationDataModule):
         val_size: int = 5000,
         split_seed: int = 0,
         normalization: Literal["pixel_mean", "channel", "imagenet"] = "pixel_mean",
-        augment: bool = True,
+        augmentations: list[BatchAugmentation] | None = None,
         num_workers: int | None = None,
         download: bool = True,
         test_range: tuple[int, int] | None = None,
         loader: Literal["device", "dataloader"] = "device",
         seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        augmentations = [PadCropFlip(4)] if augmentations is None else augmentations
+        super().__init__(batch_size, num_workers, augmentations, loader, seed)
         self.root = resolve_root(root)
         self.val_size = val_size
         self.split_seed = split_seed
         self.normalization = normalization
-        self.augment = augment
         self.download = download
         self.test_range = test_range
-        self.loader = loader
-        self.seed = seed
-
-    @property
-    def data_seed(self) -> int:
-        """`seed`, or the run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED; 0 if unset)."""
-        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
     def data_dir(self) -> Path:
@@ -195,38 +177,19 @@ class CIFAR10DataModule(ClassificationDataModule):
             )
         else:
             normalize = fit_standardize(images[train_idx], per_pixel=self.normalization == "pixel_mean")
-        train_tf = crop_flip_transform(32, 4, normalize) if self.augment else eval_transform(normalize)
-        self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
+        self.train_set = ImageSplit(images[train_idx], labels[train_idx])
         test_images, test_labels = load_cifar_batches(self.data_dir, self.test_files, self.label_key, self.num_classes)
         if self.test_range is not None:
             start, stop = self.test_range
             if not 0 <= start < stop <= len(test_labels):
                 raise ConfigError(f"test_range {list(self.test_range)} must lie within [0, {len(test_labels)}]")
             test_images, test_labels = test_images[start:stop], test_labels[start:stop]
-        self.test_set = TensorImageDataset(test_images, test_labels, eval_transform(normalize))
+        self.test_set = ImageSplit(test_images, test_labels)
         if self.val_size:
-            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], eval_transform(normalize))
+            self.val_set = ImageSplit(images[val_idx], labels[val_idx])
         else:
             self.val_set = self.test_set
         self.normalize = normalize
-
-    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader | DeviceBatches:
-        if self.loader == "dataloader" or dataset is None:
-            return super()._loader(dataset, train)
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer else torch.device("cpu")
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        return DeviceBatches(
-            dataset.images.to(device),
-            dataset.labels.to(device),
-            self.process_batch_size,
-            self.normalize,
-            train=train,
-            augment=train and self.augment,
-            seed=self.data_seed,
-            rank=rank,
-            world_size=world_size,
-        )
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -4,13 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resnet_lab.data.base import (
-    ClassificationDataModule,
-    TensorImageDataset,
-    crop_flip_transform,
-    eval_transform,
-    fit_standardize,
-)
+from resnet_lab.data.base import fit_standardize
+from resnet_lab.data.batches import ImageSplit, InMemoryDataModule, PadCropFlip
 from resnet_lab.errors import ConfigError
 
 
@@ -24,7 +19,7 @@ def make_synthetic_images(num_images: int, num_classes: int, image_size: int, se
     return (images * 48 + 128).clamp_(0, 255).to(torch.uint8), labels
 
 
-class SyntheticDataModule(ClassificationDataModule):
+class SyntheticDataModule(InMemoryDataModule):
     """SYNTHETIC images (class-dependent smooth patterns plus noise), CIFAR-shaped by default.
 
     For the demo config and smoke tests: runs anywhere with no download and shows a falling loss within a
@@ -50,7 +45,8 @@ class SyntheticDataModule(ClassificationDataModule):
         seed: int = 0,
         num_workers: int | None = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        # The CIFAR augmentation, scaled to the image size; the batches come from the device, as CIFAR's do.
+        super().__init__(batch_size, num_workers, [PadCropFlip(image_size // 8)])
         if num_classes < 2 or train_size < 1 or val_size < 1:
             raise ConfigError("SyntheticDataModule needs num_classes >= 2, train_size >= 1 and val_size >= 1")
         self.num_classes = num_classes
@@ -62,14 +58,7 @@ class SyntheticDataModule(ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         n_train, n_val = self.train_size, self.val_size
         images, labels = make_synthetic_images(n_train + 2 * n_val, self.num_classes, self.image_size, self.seed)
-        normalize = fit_standardize(images[:n_train], per_pixel=False)
-        padding = self.image_size // 8
-        self.train_set = TensorImageDataset(
-            images[:n_train], labels[:n_train], crop_flip_transform(self.image_size, padding, normalize)
-        )
-        self.val_set = TensorImageDataset(
-            images[n_train : n_train + n_val], labels[n_train : n_train + n_val], eval_transform(normalize)
-        )
-        self.test_set = TensorImageDataset(
-            images[n_train + n_val :], labels[n_train + n_val :], eval_transform(normalize)
-        )
+        self.normalize = fit_standardize(images[:n_train], per_pixel=False)
+        self.train_set = ImageSplit(images[:n_train], labels[:n_train])
+        self.val_set = ImageSplit(images[n_train : n_train + n_val], labels[n_train : n_train + n_val])
+        self.test_set = ImageSplit(images[n_train + n_val :], labels[n_train + n_val :])

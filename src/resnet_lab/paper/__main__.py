@@ -34,7 +34,8 @@ def _responses(args: argparse.Namespace) -> None:
         model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
         data = run.datamodule(root=args.data_root)
         data.setup("test")
-        batches = data.test_dataloader()
+        # The model's inputs: what the data module hands the model after its own batch transforms.
+        batches = (data.on_after_batch_transfer(batch, 0) for batch in data.test_dataloader())
         if args.limit_batches:
             batches = [b for b, _ in zip(batches, range(args.limit_batches), strict=False)]
         kind = "ResNet" if model.backbone.residual else "plain"

@@ -1,0 +1,314 @@
+"""In-memory image splits, batched by a seeded order and augmented a whole batch at a time, in one place.
+
+On a GPU a ResNet-20 step takes well under a millisecond of compute, so a loader that crops and flips one image
+at a time in worker processes, then copies every batch over PCIe, is what limits training. Here each split is
+a uint8 tensor; each epoch is one seeded permutation; a batch is a slice of it. Both loaders (the split on the
+training device, or in host memory behind a DataLoader) hand over uint8 images with the batch's key, and the data
+module's `on_after_batch_transfer` applies `BatchTransforms` on the device: the augmentations named in the config,
+then the normalisation. An augmentation is one class with `draw` and `apply`.
+
+The draws for batch i of epoch e come from one generator seeded with (seed, e, i), for every image of the global
+batch; each process applies its share. So a run resumed mid-epoch continues with the very batches it would have
+had, and N processes together see exactly what one process with the global batch would.
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from resnet_lab.data.base import ClassificationDataModule, Standardize
+
+NO_AUGMENTATION = -1  # the key of an evaluation batch
+
+
+class BatchAugmentation(nn.Module):
+    """A random transform of a batch of images [B, C, H, W], its randomness drawn first for every image.
+
+    `draw(n, generator)` returns the draws of n images, one row each (on the generator's device); `apply(images,
+    draws)` transforms images with their rows. The data module draws for the global batch and applies each
+    process's share, so subclasses need nothing else to be exactly resumable and the same under data parallelism.
+    """
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def random_crop_flip(images: Tensor, padding: int, draws: Tensor) -> Tensor:
+    """Zero-pad each image of [B, C, H, W] by `padding`, take the HxW window at its drawn offsets (`draws[:, 0:2]`),
+    mirror the ones drawn for it (`draws[:, 2]`)."""
+    batch, channels, height, width = images.shape
+    device = images.device
+    dy, dx, flip = draws.to(device).unbind(dim=1)
+    padded = F.pad(images, (padding,) * 4)
+    rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
+    crops = padded.gather(2, rows.expand(batch, channels, height, width + 2 * padding))
+    crops = crops.gather(3, cols.expand(batch, channels, height, width))
+    return torch.where(flip.bool()[:, None, None, None], crops.flip(3), crops)
+
+
+class PadCropFlip(BatchAugmentation):
+    """The paper's CIFAR augmentation (Sec. 4.2): zero-pad by `padding`, a random window of the original size, a
+    horizontal flip with probability 1/2; per image the same distribution as torchvision's
+    `RandomCrop(size, padding) + RandomHorizontalFlip()`.
+
+    Args:
+        padding: pixels of zeros on each side before cropping (4 in the paper).
+    """
+
+    def __init__(self, padding: int = 4) -> None:
+        super().__init__()
+        self.padding = padding
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """[batch_size, 3]: each image's window offsets (rows, columns) and whether it is mirrored."""
+        device = generator.device
+        offsets = torch.randint(0, 2 * self.padding + 1, (2, batch_size), device=device, generator=generator)
+        flips = torch.randint(0, 2, (1, batch_size), device=device, generator=generator)
+        return torch.cat((offsets, flips)).T
+
+    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
+        return random_crop_flip(images, self.padding, draws)
+
+
+def batch_key(seed: int, epoch: int, index: int) -> int:
+    """One seed per (seed, epoch, batch), by arithmetic: the same on every platform, no state to replay."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
+
+
+class BatchTransforms(nn.Module):
+    """The one place a CIFAR-style batch is transformed: each augmentation in order (training batches only), then
+    the normalisation of the [0, 1] float images.
+
+    Args:
+        augmentations: applied in order to training batches.
+        normalize: applied to every batch.
+    """
+
+    def __init__(self, augmentations: Sequence[BatchAugmentation], normalize: Standardize) -> None:
+        super().__init__()
+        self.augmentations = nn.ModuleList(augmentations)
+        self.normalize = normalize
+
+    def forward(self, images: Tensor, key: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """`images`: this process's uint8 share of a global batch, whose images are `rank::world_size`."""
+        if key != NO_AUGMENTATION and len(self.augmentations):
+            generator = torch.Generator(device=images.device).manual_seed(key)
+            for augmentation in self.augmentations:
+                draws = augmentation.draw(len(images) * world_size, generator)[rank::world_size]
+                images = augmentation.apply(images, draws)
+        if self.normalize.mean.device != images.device:
+            self.normalize.to(images.device)
+        return self.normalize(images.float().div_(255))
+
+
+class BatchOrder(DistributedSampler):
+    """Which images form each batch: a seeded permutation per training epoch (the order in evaluation), cut into
+    global batches, of which this process takes the images `rank::world_size`. Yields (key, indices) per batch and
+    reports its position (`state_dict`), so that a run resumed mid-epoch continues with the next batch.
+
+    A `DistributedSampler` only so that Lightning, under data parallelism, does not wrap it in one of its own: it
+    already gives each process its share.
+
+    Args:
+        size: images in the split.
+        batch_size: images per batch of this process (the global batch is batch_size x world_size).
+        train: shuffle every epoch and drop the last incomplete batch.
+        seed: the permutation of epoch e uses seed + e.
+        rank, world_size: this process's share under data parallelism.
+        device: where the permutation is drawn: the device that holds the split, so that indexing it needs no copy
+            (the permutations of a CPU and a GPU differ).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.size, self.batch_size, self.train, self.device = size, batch_size, train, torch.device(device)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch handed out
+        self.resume_at: tuple[int, int] | None = None  # (epoch, position) from a checkpoint
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        # Lightning does not prefetch from a loader with a length, so `position` is what training consumed.
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # With another number of processes or seed the batches differ anyway: start the epoch afresh.
+        if state.get("world_size") == self.world_size and state.get("seed") == self.seed:
+            self.resume_at = (state["epoch"], state["position"])
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.world_size
+        return self.size // step if self.train else -(-self.size // step)
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
+        step = self.batch_size * self.world_size
+        if self.train:
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, device=self.device, generator=generator)
+        else:
+            order = torch.arange(self.size, device=self.device)
+        start = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
+        self.resume_at, self.position = None, start
+        for batch in range(start, len(self)):
+            indices = order[batch * step : (batch + 1) * step][self.rank :: self.world_size]
+            if not len(indices):  # an evaluation share one image shorter than the others
+                return
+            self.position = batch + 1
+            yield (batch_key(self.seed, self.epoch, batch) if self.train else NO_AUGMENTATION), indices
+
+
+class DeviceBatches:
+    """(uint8 images, labels, key) batches sliced from a split held on the training device: no worker processes,
+    no copies, no per-sample Python.
+
+    Args:
+        images: uint8 [N, C, H, W], already on the device.
+        labels: int64 [N], on the same device.
+        order: which images form each batch, drawn on the same device.
+    """
+
+    batch_sampler = None  # Lightning inspects a loader's samplers; batches are made here instead
+
+    def __init__(self, images: Tensor, labels: Tensor, order: BatchOrder) -> None:
+        self.images, self.labels, self.order = images, labels, order
+
+    @property
+    def sampler(self) -> BatchOrder:
+        # Lightning calls `loader.sampler.set_epoch(epoch)` before each epoch.
+        return self.order
+
+    def state_dict(self) -> dict[str, int]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.order.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
+        for key, indices in self.order:
+            yield self.images[indices], self.labels[indices], key
+
+
+class TensorBatches(Dataset):
+    """A split in host memory, indexed by whole batches (a `BatchOrder`'s (key, indices)): the DataLoader path."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, batch: tuple[int, Tensor]) -> tuple[Tensor, Tensor, int]:
+        key, indices = batch
+        return self.images[indices], self.labels[indices], key
+
+
+def dataloader_batches(images: Tensor, labels: Tensor, order: BatchOrder, num_workers: int) -> DataLoader:
+    """The same batches as `DeviceBatches`, gathered in `num_workers` processes from host memory and copied to the
+    device (for splits that should not occupy device memory)."""
+    return DataLoader(
+        TensorBatches(images, labels),
+        sampler=order,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+class ImageSplit:
+    """One split as uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class InMemoryDataModule(ClassificationDataModule):
+    """A data module whose splits fit in memory as uint8 tensors (CIFAR, the synthetic demo): batches by a seeded
+    `BatchOrder`, from the device (`loader="device"`) or a DataLoader (`loader="dataloader"`), transformed in
+    `on_after_batch_transfer` by the same `BatchTransforms` either way.
+
+    Subclasses fill `train_set`, `val_set`, `test_set` (`ImageSplit`) and `normalize` in `setup`.
+
+    Args:
+        batch_size: the global batch, split evenly over all processes.
+        num_workers: DataLoader processes of the "dataloader" path; None follows the machine.
+        augmentations: applied in order to every training batch.
+        loader: "device" keeps each split on the training device; "dataloader" keeps it in host memory and copies
+            each batch over. Both give the same batches (on the same device) and the same augmentation.
+        seed: base seed of the shuffle and the augmentation draws; None follows the run's `seed_everything`.
+    """
+
+    normalize: Standardize
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int | None,
+        augmentations: Sequence[BatchAugmentation],
+        loader: str = "device",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.augmentations = list(augmentations)
+        self.loader = loader
+        self.seed = seed
+        self._transforms: BatchTransforms | None = None
+
+    @property
+    def data_seed(self) -> int:
+        """`seed`, or the run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED; 0 if unset)."""
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    @property
+    def batch_transforms(self) -> BatchTransforms:
+        if self._transforms is None or self._transforms.normalize is not self.normalize:
+            self._transforms = BatchTransforms(self.augmentations, self.normalize)
+        return self._transforms
+
+    def _share(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _loader(self, split: ImageSplit | None, train: bool) -> DeviceBatches | DataLoader:
+        if split is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        on_device = self.loader == "device"
+        device = self.trainer.strategy.root_device if on_device and self.trainer is not None else torch.device("cpu")
+        rank, world_size = self._share()
+        order = BatchOrder(len(split), self.process_batch_size, train, self.data_seed, rank, world_size, device)
+        if on_device:
+            return DeviceBatches(split.images.to(device), split.labels.to(device), order)
+        return dataloader_batches(split.images, split.labels, order, self.num_workers)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning also passes the model's example input through here (for the graph and the summary): only this
+        # module's own (uint8 images, labels, key) batches are transformed.
+        if not (isinstance(batch, tuple | list) and len(batch) == 3 and isinstance(batch[2], int)):
+            return batch
+        images, labels, key = batch
+        return self.batch_transforms(images, key, *self._share()), labels
