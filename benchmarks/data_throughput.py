@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from resnet_lab.data import ImageNetDataModule
+from resnet_lab.data import ImageAugmentation, ImageNetDataModule, InceptionAugmentation, PaperAugmentation
 
 
-def measure(dm: ImageNetDataModule, augmentation: str, count: int) -> dict:
+def measure(dm: ImageNetDataModule, name: str, augmentation: ImageAugmentation, count: int) -> dict:
     dm.train_augmentation = augmentation
     dm.setup("fit")
     dataset = dm.train_set
@@ -32,7 +32,7 @@ def measure(dm: ImageNetDataModule, augmentation: str, count: int) -> dict:
         dataset[i]
     seconds = time.perf_counter() - start
     return {
-        "pipeline": augmentation,
+        "pipeline": name,
         "images": count,
         "seconds": round(seconds, 3),
         "images_per_s_per_worker": round(count / seconds, 1),
@@ -48,8 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process runs single-threaded
     scale = (round(args.crop_size * 256 / 224), round(args.crop_size * 480 / 224))
-    dm = ImageNetDataModule(root=args.root, crop_size=args.crop_size, scale_range=scale, num_workers=0)
-    rows = [measure(dm, name, args.images) for name in ("paper", "inception")]
+    dm = ImageNetDataModule(root=args.root, crop_size=args.crop_size, num_workers=0)
+    pipelines = {"paper": PaperAugmentation(scale), "inception": InceptionAugmentation()}
+    rows = [measure(dm, name, augmentation, args.images) for name, augmentation in pipelines.items()]
     meta = {
         "date": date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),

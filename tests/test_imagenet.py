@@ -10,13 +10,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import IMAGENETTE_WNIDS, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
-from resnet_lab.data import ImageNetDataModule
+from resnet_lab.data import ImageNetDataModule, InceptionAugmentation, PaperAugmentation
 from resnet_lab.data.ilsvrc_val import build_class_folders
 from resnet_lab.data.ilsvrc_val import main as ilsvrc_val_main
 from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_class_names, read_rgb
 from resnet_lab.errors import DataError, DatasetNotFoundError
 
-SMALL = dict(batch_size=4, crop_size=32, scale_range=(36, 48), val_resize=36, num_workers=0)
+SMALL = dict(batch_size=4, crop_size=32, train_augmentation=PaperAugmentation((36, 48)), val_resize=36, num_workers=0)
 MEAN, STD = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
 
 
@@ -38,12 +38,12 @@ def test_folders_give_sorted_classes_names_and_labels(imagenet_root):
 
 
 def test_paper_augmentation_shapes_ranges_and_scale_range(imagenet_root):
-    dm = datamodule(imagenet_root, scale_range=(36, 60))
+    dm = datamodule(imagenet_root, train_augmentation=PaperAugmentation((36, 60)))
     image, label = dm.train_set[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 6
     # Normalised [0, 1] pixels, shifted by at most a few hundredths of PCA lighting noise.
     assert (image >= (0 - MEAN) / STD - 0.5).all() and (image <= (1 - MEAN) / STD + 0.5).all()
-    resize = dm.train_transform().transforms[0]
+    resize = dm.train_transform().transforms[0].transforms[0]
     source = read_rgb(dm.train_set.samples[0][0])  # 40x48
     sides = {min(resize(source).shape[-2:]) for _ in range(400)}
     assert min(sides) >= 36 and max(sides) <= 60 and len(sides) > 15
@@ -51,10 +51,10 @@ def test_paper_augmentation_shapes_ranges_and_scale_range(imagenet_root):
 
 
 def test_inception_augmentation(imagenet_root):
-    dm = datamodule(imagenet_root, train_augmentation="inception", area_range=(0.5, 0.5))
+    dm = datamodule(imagenet_root, train_augmentation=InceptionAugmentation((0.5, 0.5)))
     image, _ = dm.train_set[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    crop = dm.train_transform().transforms[0]
+    crop = dm.train_transform().transforms[0].transforms[0]
     params = [crop.make_params([read_rgb(dm.train_set.samples[0][0])]) for _ in range(50)]
     areas = {round(p["height"] * p["width"] / (40 * 48), 1) for p in params}
     assert areas == {0.5}
@@ -183,7 +183,8 @@ def test_real_imagenette_subset(shared_data):
     if not root.is_dir():
         pytest.skip("imagenette-mini not found beside the real CIFAR-10")
     dm = ImageNetDataModule(
-        root=str(root), batch_size=8, crop_size=112, scale_range=(128, 240), val_resize=128, num_workers=0
+        root=str(root), batch_size=8, crop_size=112, train_augmentation=PaperAugmentation((128, 240)), val_resize=128,
+        num_workers=0,
     )
     dm.setup("fit")
     assert dm.num_classes == 10 and len(dm.train_set) == 1000 and len(dm.val_set) == 500
@@ -205,7 +206,7 @@ def test_imagenette_config_fits_and_tests_in_every_mode(shared_data, tmp_path, m
         str(root),
         "--data.crop_size",
         "64",
-        "--data.scale_range",
+        "--data.train_augmentation.init_args.scale_range",
         "[72, 128]",
         "--data.val_resize",
         "72",

@@ -213,6 +213,8 @@ def test_data_module_errors_are_one_line_too(imagenet_root, tmp_path, monkeypatc
                 str(imagenet_root),
                 "--data.crop_size",
                 "200",
+                "--data.val_resize",
+                "256",
             ]
         )
 

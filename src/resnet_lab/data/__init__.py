@@ -1,7 +1,7 @@
 from resnet_lab.data.base import DATA_ENV, ClassificationDataModule
 from resnet_lab.data.batches import BatchAugmentation, BatchTransforms, InMemoryDataModule, PadCropFlip
 from resnet_lab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, load_cifar_batches
-from resnet_lab.data.imagenet import ImageNetDataModule
+from resnet_lab.data.imagenet import ImageAugmentation, ImageNetDataModule, InceptionAugmentation, PaperAugmentation
 from resnet_lab.data.synthetic import SyntheticDataModule
 
 __all__ = [
@@ -10,10 +10,13 @@ __all__ = [
     "BatchTransforms",
     "InMemoryDataModule",
     "PadCropFlip",
+    "PaperAugmentation",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassificationDataModule",
+    "ImageAugmentation",
     "ImageNetDataModule",
+    "InceptionAugmentation",
     "SyntheticDataModule",
     "load_cifar_batches",
 ]

@@ -64,6 +64,67 @@ class PCALighting(nn.Module):
         return x + (self.eigvec @ (alpha * self.eigval))[:, None, None]
 
 
+class ImageAugmentation:
+    """A per-image training augmentation of the ImageFolder data modules, applied in DataLoader workers: `build`
+    returns the transform from a decoded uint8 image [3, H, W] to float [0, 1] pixels [3, crop_size, crop_size];
+    the data module normalises after it. A new one is one subclass, named in the config as
+    `data.train_augmentation`."""
+
+    def build(self, crop_size: int) -> nn.Module:
+        raise NotImplementedError
+
+
+class PaperAugmentation(ImageAugmentation):
+    """The paper's ImageNet augmentation (Sec. 3.4): the shorter side resized to a random size in `scale_range`, a
+    random `crop_size` crop or its mirror, AlexNet's PCA colour noise.
+
+    Args:
+        scale_range: the shorter side's range (256-480 in the paper; lower it with `crop_size` for cheaper runs).
+        lighting_std: std of the PCA colour noise (0.1 in AlexNet; 0 turns it off).
+    """
+
+    def __init__(self, scale_range: tuple[int, int] = (256, 480), lighting_std: float = 0.1) -> None:
+        self.scale_range = tuple(scale_range)
+        self.lighting_std = lighting_std
+
+    def build(self, crop_size: int) -> nn.Module:
+        low, high = self.scale_range
+        if not low <= high or low < crop_size:
+            raise ConfigError(
+                f"scale_range {self.scale_range} must be increasing and start at >= crop_size {crop_size}"
+            )
+        return v2.Compose(
+            [
+                v2.RandomShortestSize(list(range(low, high + 1)), antialias=True),
+                v2.RandomCrop(crop_size),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                PCALighting(self.lighting_std),
+            ]
+        )
+
+
+class InceptionAugmentation(ImageAugmentation):
+    """Inception-style crops, the modern default: a random crop of `area_range` of the image and an aspect ratio in
+    [3/4, 4/3], resized to `crop_size`, and a horizontal flip.
+
+    Args:
+        area_range: the crop's share of the image's area.
+    """
+
+    def __init__(self, area_range: tuple[float, float] = (0.08, 1.0)) -> None:
+        self.area_range = tuple(area_range)
+
+    def build(self, crop_size: int) -> nn.Module:
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(crop_size, scale=self.area_range, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+
+
 class TenCropViews(nn.Module):
     """The 4 corner and the centre crops of an image and of its mirror image, stacked: [10, C, size, size]."""
 
@@ -149,11 +210,9 @@ class ImageNetDataModule(ClassificationDataModule):
     Args:
         root: folder holding `train/` and `val/`; default `$RESNET_LAB_DATA/imagenet`, else `./data/imagenet`.
         batch_size: the global batch (the paper's 256), split evenly over all devices and nodes.
-        train_augmentation: "paper": shorter side resized to a random size in `scale_range`, random crop, flip,
-            PCA colour noise (Sec. 3.4); "inception": RandomResizedCrop over `area_range` + flip.
+        train_augmentation: the per-image training augmentation; None: the paper's (`PaperAugmentation`, shorter
+            side 256-480, random crop, flip, PCA colour noise); `InceptionAugmentation` for RandomResizedCrop.
         crop_size: training and evaluation crop (224 in the paper; smaller makes research runs cheaper).
-        scale_range: shorter-side range of the "paper" augmentation.
-        area_range: crop-area range of the "inception" augmentation.
         val_resize: shorter side before the centre crop or the ten crops.
         eval_mode: how `validate` and `test` view each image: "center" (one centre crop), "ten_crop" (4 corners
             + centre and their flips, softmax averaged; Tables 2-3), "multi_scale" (the whole image fully
@@ -167,10 +226,8 @@ class ImageNetDataModule(ClassificationDataModule):
         self,
         root: str | None = None,
         batch_size: int = 32,
-        train_augmentation: Literal["paper", "inception"] = "paper",
+        train_augmentation: ImageAugmentation | None = None,
         crop_size: int = 224,
-        scale_range: tuple[int, int] = (256, 480),
-        area_range: tuple[float, float] = (0.08, 1.0),
         val_resize: int = 256,
         eval_mode: EvalMode = "center",
         test_scales: tuple[int, ...] = PAPER_TEST_SCALES,
@@ -178,8 +235,6 @@ class ImageNetDataModule(ClassificationDataModule):
         num_workers: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        if not scale_range[0] <= scale_range[1] or scale_range[0] < crop_size:
-            raise ConfigError(f"scale_range {scale_range} must be increasing and start at >= crop_size {crop_size}")
         if val_resize < crop_size:
             raise ConfigError(f"val_resize {val_resize} must be at least crop_size {crop_size}")
         self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
@@ -187,27 +242,16 @@ class ImageNetDataModule(ClassificationDataModule):
         self.num_classes = len(self.classes)
         names = imagenet_class_names()
         self.class_names = [names.get(wnid, wnid) for wnid in self.classes]
-        self.train_augmentation = train_augmentation
+        self.train_augmentation = train_augmentation or PaperAugmentation()
+        self.train_augmentation.build(crop_size)  # a range that does not fit the crop: refused before any work
         self.crop_size = self.input_size = crop_size
-        self.scale_range = scale_range
-        self.area_range = area_range
         self.val_resize = val_resize
         self.eval_mode = eval_mode
         self.test_scales = tuple(test_scales)
         self.skip_corrupt = skip_corrupt
 
     def train_transform(self) -> v2.Compose:
-        to_float = [v2.ToDtype(torch.float32, scale=True)]
-        normalize = [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        if self.train_augmentation == "paper":
-            low, high = self.scale_range
-            resize_crop = [
-                v2.RandomShortestSize(list(range(low, high + 1)), antialias=True),
-                v2.RandomCrop(self.crop_size),
-            ]
-            return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *to_float, PCALighting(0.1), *normalize])
-        resize_crop = [v2.RandomResizedCrop(self.crop_size, scale=self.area_range, antialias=True)]
-        return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *to_float, *normalize])
+        return v2.Compose([self.train_augmentation.build(self.crop_size), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def eval_transform(self) -> v2.Compose:
         to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
