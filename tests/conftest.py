@@ -82,6 +82,12 @@ def transformed(dm, loader) -> list:
     return out
 
 
+def subprocess_env(*paths: Path | str) -> dict[str, str]:
+    """This process's environment with `paths` (default: the repository's src/) first on PYTHONPATH."""
+    front = [str(p) for p in paths] or [str(REPO / "src")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*front, os.environ.get("PYTHONPATH")]))}
+
+
 def quiet_trainer(tmp_path: Path, **kwargs):  # noqa: ANN201
     """A CPU Trainer without logger, checkpoints, progress bar or summary, unless `kwargs` says otherwise."""
     import lightning as L

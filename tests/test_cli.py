@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from conftest import CONFIGS, REPO, transformed
+from conftest import CONFIGS, REPO, subprocess_env, transformed
 from resnet_lab import ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
@@ -173,10 +172,7 @@ def test_bad_depth_from_the_real_command_line_prints_no_traceback(cifar_root, tm
         ],
         capture_output=True,
         text=True,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-        },
+        env=subprocess_env(),
         cwd=tmp_path,
         timeout=120,
     )

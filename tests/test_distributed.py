@@ -15,7 +15,6 @@ weights are not expected to agree with each other. What is compared instead, exa
   single run; with BN statistics over the global batch (sync BN) it would be the single run too.
 """
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, REPO, write_cifar_batch
+from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch
 from resnet_lab.models import CifarResNet
 
 PROCESSES = 2
@@ -140,11 +139,8 @@ def launch(name: str, root: Path, work: Path, processes: int, *extra: str) -> tu
         str(out),
         *extra,
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), str(work), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": "1",  # what torchrun gives each process; the single run and the replay use it too
-    }
+    # OMP_NUM_THREADS: what torchrun gives each process; the single run and the replay use it too.
+    env = {**subprocess_env(REPO / "src", work), "OMP_NUM_THREADS": "1"}
     env.pop("RESNET_LAB_DATA", None)
     with (out / "output.txt").open("w") as log:
         proc = subprocess.Popen([sys.executable, *command], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)

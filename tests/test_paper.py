@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,6 +18,7 @@ from resnet_lab.models import Bottleneck, PreActBasicBlock, PreActBottleneck
 from resnet_lab.paper.__main__ import main as paper
 from resnet_lab.paper.responses import LayerResponseMonitor, layer_response_std, responses_of_3x3_layers
 from resnet_lab.paper.runs import Run, find_runs
+from resnet_lab.paper.tables import results_table
 from resnet_lab.paper.weights import import_cifar_checkpoint, load_torchvision_weights
 
 TINY = ["--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
@@ -292,3 +294,61 @@ def test_runs_give_their_data_module(seeded_runs):
     run = Run(seeded_runs / "logs" / "resnet20_cifar" / "seed0")
     data = run.datamodule(root=str(seeded_runs / "data"))
     assert data.val_size == 50 and data.root == seeded_runs / "data"
+
+
+def fake_run(folder: Path, depth: int, test_error: float) -> Path:
+    """A finished run as the CLI leaves it: its saved config and its logged test error."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True)
+    backbone = {"class_path": "resnet_lab.models.CifarResNet", "init_args": {"depth": depth, "shortcut": "A"}}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": backbone}}))
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_scalar("test/err_top1", test_error, 100)
+    return folder
+
+
+def test_table_never_merges_runs_of_one_experiment_with_different_networks(tmp_path):
+    runs = [
+        fake_run(tmp_path / "resnet20_cifar" / "seed0", 20, 9.0),
+        fake_run(tmp_path / "resnet20_cifar" / "seed1", 20, 8.0),
+        fake_run(tmp_path / "resnet20_cifar" / "quick", 8, 30.0),
+    ]
+    table = results_table(find_runs(runs))
+    rows = {row.split("|")[1].strip(): row for row in table.splitlines()[2:]}
+    assert set(rows) == {"resnet20_cifar (depth=20)", "resnet20_cifar (depth=8)"}
+    assert "8.50 ± 0.71" in rows["resnet20_cifar (depth=20)"] and "30.00" in rows["resnet20_cifar (depth=8)"]
+
+
+def test_the_installed_package_needs_no_repository(seeded_runs, tmp_path):
+    """`pip install .` (not editable), then the paper commands from another folder: nothing reads the checkout."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(REPO)], check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    torch.manual_seed(0)
+    akamaster_checkpoint(CifarResNet(20), elsewhere / "resnet20.th")
+    logs = seeded_runs / "logs"
+    for args in (
+        ["import-cifar", "resnet20.th", "--out", "r20.ckpt"],
+        ["table", str(logs / "resnet20_cifar"), str(logs / "plain20_cifar"), "--out", "table"],
+        ["curves", str(logs / "resnet20_cifar"), "--out", "fig6"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", "import resnet_lab, sys; print(resnet_lab.__file__, file=sys.stderr); "
+             "from resnet_lab.paper.__main__ import main; main()", *args],
+            cwd=elsewhere, env=subprocess_env(target), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert str(target) in result.stderr.splitlines()[0]  # the installed copy, not the checkout's src/
+    assert ImageClassifier.load_from_checkpoint(elsewhere / "r20.ckpt").backbone.depth == 20
+    assert "| resnet20_cifar | ResNet-20 (A) |" in (elsewhere / "table.md").read_text()
+    assert (elsewhere / "fig6.png").is_file()

@@ -1,14 +1,13 @@
 """Bad checkpoints get one clear line naming the file and the problem (issue: reliability)."""
 
 import importlib.util
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, RunsACommand, quiet_trainer
+from conftest import CONFIGS, REPO, RunsACommand, quiet_trainer, subprocess_env
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
 from resnet_lab.cli import main
@@ -101,10 +100,7 @@ def test_wrong_class_count_through_the_command_line(trained, cifar_root, tmp_pat
         text=True,
         cwd=tmp_path,
         timeout=180,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-        },
+        env=subprocess_env(),
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not fit this model" in result.stderr and "[10, 64] vs [100, 64]" in result.stderr

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, REPO, write_cifar_batch
+from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch
 
 MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 1 and 2
 
@@ -77,7 +77,7 @@ def command(workspace: Path, *extra: str) -> list[str]:
 def run(workspace: Path, folder: str, *extra: str, **popen) -> subprocess.Popen:
     cwd = workspace / folder
     cwd.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{workspace}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = subprocess_env(workspace)
     return subprocess.Popen(command(workspace, *extra), cwd=cwd, env=env, text=True, **popen)
 
 

@@ -5,12 +5,12 @@ of their final `test/err_top1` (and `test/err_top5` where logged), which `--test
 `python main.py test` writes.
 """
 
+import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
-import torch
-import yaml
-
+from resnet_lab.checkpoints import read_checkpoint
 from resnet_lab.paper.runs import Run
 
 # (backbone class, depth, residual, shortcut) -> (top-1, top-5) test error %; None where the paper gives none.
@@ -45,18 +45,14 @@ def count_parameters(run: Run) -> int | None:
     checkpoints = sorted((run.path / "checkpoints").glob("last*.ckpt"))
     if not checkpoints:
         return None
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(checkpoints[-1])["state_dict"]
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     return sum(v.numel() for k, v in state.items() if k.startswith("backbone.") and not k.endswith(buffers))
 
 
-def _is_default(run: Run) -> bool:
-    """Whether the run's network is the one its experiment's config file names (no command-line override)."""
-    config = Path(__file__).parents[3] / "configs" / f"{run.experiment}.yaml"
-    if not config.is_file():
-        return True
-    named = yaml.safe_load(config.read_text())["model"]["backbone"].get("init_args", {})
-    return all(run.backbone.get(k) == v for k, v in named.items())
+def _network(run: Run) -> str:
+    """The run's network as its own saved config states it."""
+    return json.dumps(run.backbone, sort_keys=True, default=str)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -68,16 +64,21 @@ def _mean_std(values: list[float]) -> str:
 
 def results_table(runs: list[Run]) -> str:
     """One Markdown row per experiment: model, parameters, our top-1 (and top-5) error, best, runs, the paper's."""
-    # One row per experiment and network: runs of one config with another depth or switch get their own row.
-    experiments: dict[str, list[Run]] = {}
+    # One row per experiment and network, as each run's saved config states it: runs of one config with another
+    # depth or switch get a row of their own, named by what differs.
+    groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        b = run.backbone
-        key = f"{run.experiment}" + (
-            ""
-            if _is_default(run)
-            else f" ({b['class']} {b.get('depth')}, residual={b.get('residual', True)}, shortcut={b.get('shortcut')})"
-        )
-        experiments.setdefault(key, []).append(run)
+        groups.setdefault((run.experiment, _network(run)), []).append(run)
+    variants = Counter(experiment for experiment, _ in groups)
+    experiments: dict[str, list[Run]] = {}
+    for (experiment, network), group in groups.items():
+        if variants[experiment] == 1:
+            experiments[experiment] = group
+            continue
+        others = [json.loads(n) for e, n in groups if e == experiment and n != network]
+        mine = json.loads(network)
+        differs = sorted({k for other in others for k in {*mine, *other} if mine.get(k) != other.get(k)})
+        experiments[f"{experiment} ({', '.join(f'{k}={mine.get(k)}' for k in differs)})"] = group
     header = [
         "experiment",
         "model",

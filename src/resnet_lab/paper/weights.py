@@ -2,17 +2,13 @@
 
 from pathlib import Path
 
-import lightning
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
 from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
-from resnet_lab.errors import DataError
+from resnet_lab.errors import DataError, DatasetNotFoundError
 from resnet_lab.models import CifarResNet
-
-INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
 
 def akamaster_to_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -24,33 +20,38 @@ def akamaster_to_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 def import_cifar_checkpoint(source: Path, config: Path | None, out: Path) -> int:
     """Write a checkpoint of ours from a published option-A CIFAR checkpoint; returns the depth.
 
-    The result loads with `ImageClassifier.load_from_checkpoint` and with
-    `python main.py test --config <config> --ckpt_path <out>`; `config` supplies the training recipe.
+    The model is built as `main.py` builds it, from `config` (its training recipe) or, without one, from the
+    option-A CIFAR ResNet of the checkpoint's depth with the module's defaults, so the result loads with
+    `ImageClassifier.load_from_checkpoint(out)` and `python main.py test --config <config> --ckpt_path <out>`.
     """
+    from resnet_lab.cli import ResNetLabCLI  # the CLI imports this package's data and models
+
     state = akamaster_to_state_dict(read_checkpoint(source))
     blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}
     if not blocks or "fc.weight" not in state:
         raise DataError(f"{source} holds no CIFAR ResNet (no layer1.* or linear/fc weights): is it the right file?")
     depth = 6 * len(blocks) + 2
     num_classes = state["fc.weight"].shape[0]
-    net = CifarResNet(depth, shortcut="A", num_classes=num_classes)
-    check_state_dict_matches(net, state, f"{source} (read as an option-A CIFAR ResNet-{depth})")
-    net.load_state_dict(state, strict=True)
-    config = config or Path(__file__).parents[3] / "configs" / f"resnet{depth}_cifar.yaml"
-    if not config.is_file():
-        raise DataError(f"no config {config} for a ResNet-{depth}: pass --config with the experiment it belongs to")
-    model = yaml.safe_load(config.read_text())["model"]
-    model["backbone"] = {
-        "class_path": "resnet_lab.models.CifarResNet",
-        "init_args": {"depth": depth, "shortcut": "A", "num_classes": num_classes},
-    }
+    check_state_dict_matches(
+        CifarResNet(depth, num_classes=num_classes), state, f"{source} (read as an option-A CIFAR ResNet-{depth})"
+    )
+    if config is not None and not config.is_file():
+        raise DatasetNotFoundError(f"no config {config}: pass --config with the experiment the weights belong to")
+    data = "resnet_lab.data.CIFAR100DataModule" if num_classes == 100 else "resnet_lab.data.CIFAR10DataModule"
+    args = [*(["--config", str(config)] if config else ["--data", data]),
+            "--model.backbone", "resnet_lab.models.CifarResNet",
+            "--model.backbone.init_args.depth", str(depth), "--model.backbone.init_args.shortcut", "A",
+            "--model.backbone.init_args.residual", "true",
+            "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]  # fmt: skip
+    cli = ResNetLabCLI(args=args, run=False)
+    if cli.model.backbone.num_classes != num_classes:
+        raise DataError(
+            f"{source} has {num_classes} classes but the config's data module has {cli.model.backbone.num_classes}"
+        )
+    cli.model.backbone.load_state_dict(state, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "state_dict": {f"backbone.{k}": v for k, v in net.state_dict().items()},
-        "hyper_parameters": {**model, "_instantiator": INSTANTIATOR},
-        "pytorch-lightning_version": lightning.__version__,
-        "epoch": 0, "global_step": 0,
-    }, out)  # fmt: skip
+    cli.trainer.strategy.connect(cli.model)
+    cli.trainer.save_checkpoint(out, weights_only=True)  # imported weights: no optimizer or loop state
     return depth
 
 
