@@ -1,8 +1,6 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,8 +19,15 @@ from resnet_lab.callbacks import (
     ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
-from resnet_lab.checkpoints import LIGHTNING_ALIASES, read_checkpoint
-from resnet_lab.errors import ConfigError, DataError, UserError
+from resnet_lab.checkpoints import LIGHTNING_ALIASES
+from resnet_lab.errors import ConfigError
+from resnet_lab.launch import (
+    check_lightning_checkpoint,
+    check_writable,
+    link_num_classes,
+    newest_last_checkpoint,
+    user_error,
+)
 from resnet_lab.module import ImageClassifier
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
@@ -35,7 +40,7 @@ UNNAMED_RUN = "default"
 
 
 class ResNetLabCLI(LightningCLI):
-    """LightningCLI with the data module's class count linked into the backbone, best-on-validation and latest
+    """LightningCLI with the data module's class count handed to the backbone, best-on-validation and latest
     checkpoints (`--ckpt_path last` resumes the newest run in its own folder), a checkpoint and a clean exit on
     SIGTERM/SIGUSR1, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
     (with hyperparameters and the network graph) under `logs/<first config's name>/`, and a progress bar redrawn a
@@ -56,7 +61,6 @@ class ResNetLabCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.backbone.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -110,8 +114,9 @@ class ResNetLabCLI(LightningCLI):
             check_lightning_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        link_num_classes(config)
+        # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
         init_args = getattr(config.trainer.logger, "init_args", None)
         if config.get("config") and init_args is not None and init_args.get("name") == UNNAMED_RUN:
             init_args.name = Path(str(config.config[0])).stem
@@ -121,16 +126,9 @@ class ResNetLabCLI(LightningCLI):
                 self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
 
     def _resume_last_run(self, config: Namespace, experiment: Path) -> None:
-        """`--ckpt_path last`: the newest `last.ckpt` of this experiment's runs; `fit` goes on in that run's folder,
-        so its TensorBoard curves continue where they stopped."""
-        candidates = list(experiment.glob("version_*/checkpoints/last.ckpt"))
-        if not candidates:
-            raise ConfigError(
-                f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume from; start the run "
-                "without --ckpt_path, or give a checkpoint's path"
-            )
-        last = max(candidates, key=os.path.getmtime)
-        check_lightning_checkpoint(last)
+        """`--ckpt_path last`: see `newest_last_checkpoint`; `fit` goes on in that run's folder, so its TensorBoard
+        curves continue where they stopped."""
+        last = newest_last_checkpoint(experiment)
         config.ckpt_path = str(last)
         if self.subcommand == "fit":
             config.trainer.logger.init_args.version = last.parents[1].name
@@ -172,42 +170,11 @@ class ResNetLabCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def check_lightning_checkpoint(path: str | Path) -> None:
-    """A missing, truncated or foreign file: one clear line, before any work."""
-    if "pytorch-lightning_version" not in read_checkpoint(path):
-        raise DataError(
-            f"{path} is not a Lightning checkpoint; for published CIFAR weights run "
-            "`python -m resnet_lab.paper import-cifar` first"
-        )
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before training, not hours later at the first checkpoint, if runs cannot be written under `folder`."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"cannot write runs under {folder} ({err.strerror or err}); choose another folder with "
-            "--trainer.logger.init_args.save_dir"
-        ) from err
-
-
-def _user_error(err: BaseException | None) -> UserError | None:
-    """The UserError behind `err`, also when jsonargparse wrapped it while instantiating a class."""
-    while err is not None:
-        if isinstance(err, UserError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def main(args: ArgsType = None) -> None:
     try:
         ResNetLabCLI(args=args)
     except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
+        mistake = user_error(err)
+        if mistake is None:
             raise
-        sys.exit(f"error: {user_error}")
+        sys.exit(f"error: {mistake}")

@@ -12,7 +12,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.checkpoints import check_state_dict_matches
-from resnet_lab.errors import ConfigError
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
 
@@ -39,7 +38,7 @@ class ImageClassifier(L.LightningModule):
     `load_from_checkpoint(path, backbone=CifarResNet(20))` (and the optimizer and schedule, to train on).
 
     Args:
-        backbone: a network mapping images to logits, exposing `num_classes` (e.g. `CifarResNet`).
+        backbone: any network mapping images to logits (`CifarResNet`, `torchvision.models.resnet18`, ...).
         optimizer: builds the optimizer from the parameters, e.g. SGD with lr 0.1, momentum 0.9, wd 1e-4.
         lr_scheduler: builds the schedule from the optimizer; None keeps the learning rate constant.
         scheduler_interval: "step" advances the schedule every iteration (the paper's CIFAR milestones are
@@ -79,9 +78,6 @@ class ImageClassifier(L.LightningModule):
             # be pickled into every checkpoint beside its own weights and written into hparams.yaml as text by the
             # loggers (minutes for a ResNet-50), and pickled callables stop torch.load(weights_only=True).
             self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "train_metrics"])
-        num_classes = getattr(backbone, "num_classes", None)
-        if not isinstance(num_classes, int):
-            raise ConfigError(f"the backbone {type(backbone).__name__} must expose an integer `num_classes`")
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -92,8 +88,10 @@ class ImageClassifier(L.LightningModule):
         self.compiled = compile  # not `self.compile`: that would hide nn.Module.compile()
         if compile:
             self.backbone.compile(mode=None if compile_backend != "inductor" else compile_mode, backend=compile_backend)
-        self.val_metrics = _accuracy_metrics(num_classes)
-        self.test_metrics = _accuracy_metrics(num_classes)
+        # Built at the first evaluation batch, from the logits' width: any backbone will do, whether or not it
+        # says how many classes it has.
+        self.val_metrics: MetricCollection | None = None
+        self.test_metrics: MetricCollection | None = None
         # Summed on the device and read only when the loggers write: no host-device sync and no `self.log` call
         # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
         self.train_means = TrainingMeans(train_metrics or default_training_metrics())
@@ -150,12 +148,17 @@ class ImageClassifier(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor | list, Tensor], stage: str) -> None:
         images, labels = batch
         log_probs = self.view_averaged_log_probs(images)
-        getattr(self, f"{stage}_metrics").update(log_probs, labels)
+        name = f"{stage}_metrics"
+        if getattr(self, name) is None:
+            setattr(self, name, _accuracy_metrics(log_probs.shape[1]).to(log_probs.device))
+        getattr(self, name).update(log_probs, labels)
         loss = F.nll_loss(log_probs, labels)
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        metrics: MetricCollection = getattr(self, f"{stage}_metrics")
+        metrics: MetricCollection | None = getattr(self, f"{stage}_metrics")
+        if metrics is None:  # no batch at all (an empty split)
+            return
         # compute() reduces over all processes, so the logged value is already global and the sync a no-op.
         accuracies = metrics.compute()
         metrics.reset()

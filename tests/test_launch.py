@@ -1,0 +1,96 @@
+"""The command line's checks and hand-overs, as the plain functions they are."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from jsonargparse import Namespace
+
+from conftest import CONFIGS
+from resnet_lab.cli import main
+from resnet_lab.errors import ConfigError, DataError, UserError
+from resnet_lab.launch import (
+    check_lightning_checkpoint,
+    check_writable,
+    link_num_classes,
+    newest_last_checkpoint,
+    user_error,
+)
+
+
+def lightning_file(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True)
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_resume_finds_the_newest_last_checkpoint_of_the_experiment(tmp_path):
+    with pytest.raises(ConfigError, match=r"--ckpt_path last: no .*version_\*/checkpoints/last.ckpt to resume from"):
+        newest_last_checkpoint(tmp_path / "resnet20_cifar")
+    old = lightning_file(tmp_path / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt", 1_000)
+    new = lightning_file(tmp_path / "resnet20_cifar" / "version_1" / "checkpoints" / "last.ckpt", 2_000)
+    lightning_file(tmp_path / "plain20_cifar" / "version_2" / "checkpoints" / "last.ckpt", 3_000)  # another one
+    assert newest_last_checkpoint(tmp_path / "resnet20_cifar") == new
+    os.utime(old, (4_000, 4_000))
+    assert newest_last_checkpoint(tmp_path / "resnet20_cifar") == old
+
+
+def test_checks_before_any_work(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "weights.pt")
+    with pytest.raises(DataError, match="weights.pt is not a Lightning checkpoint; .* import-cifar"):
+        check_lightning_checkpoint(tmp_path / "weights.pt")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write runs under .*a_file/logs .*--trainer.logger"):
+        check_writable(tmp_path / "a_file" / "logs")
+    check_writable(tmp_path / "logs")
+    assert (tmp_path / "logs").is_dir()
+
+
+def config_with(backbone: dict, data: dict) -> Namespace:
+    return Namespace(model=Namespace(backbone=Namespace(backbone)), data=data)
+
+
+@pytest.mark.parametrize(
+    "data,classes",
+    [("resnet_lab.data.CIFAR10DataModule", 10), ("resnet_lab.data.CIFAR100DataModule", 100)],
+)
+def test_the_network_gets_as_many_outputs_as_the_data_has_classes(data, classes):
+    config = config_with(
+        {"class_path": "torchvision.models.resnet18", "init_args": Namespace(num_classes=1000, weights=None)},
+        {"class_path": data, "init_args": {"download": False}},
+    )
+    link_num_classes(config)
+    assert config.model.backbone.init_args.num_classes == classes
+    untouched = config_with({"class_path": "torch.nn.Flatten", "init_args": Namespace(start_dim=1)}, config.data)
+    link_num_classes(untouched)
+    assert "num_classes" not in untouched.model.backbone.init_args
+
+
+def test_a_users_mistake_is_found_behind_the_errors_that_wrap_it():
+    mistake = ConfigError("depth 21")
+    try:
+        try:
+            raise mistake
+        except ConfigError as err:
+            raise ValueError("Problem with given class_path") from err
+    except ValueError as wrapped:
+        assert user_error(wrapped) is mistake
+    assert user_error(RuntimeError("a bug")) is None
+    assert issubclass(DataError, UserError)
+
+
+def test_a_torchvision_factory_trains_as_the_backbone(cifar_root, tmp_path, monkeypatch):
+    """README, "Bring your own backbone": torchvision's resnet18 (a factory function), fit and tested on CIFAR-10."""
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(cifar_root), "--data.val_size", "50",
+        "--model.backbone.class_path", "torchvision.models.resnet18",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    main(["fit", *common, "--data.batch_size", "16", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])
+    main(["test", *common, "--ckpt_path", "last", "--trainer.limit_test_batches", "1"])
+    [last] = Path("logs").glob("resnet20_cifar/version_0/checkpoints/last.ckpt")
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state["backbone.fc.weight"].shape == (10, 512)  # torchvision's ResNet, given CIFAR-10's class count
