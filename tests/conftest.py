@@ -82,6 +82,17 @@ def transformed(dm, loader) -> list:
     return out
 
 
+def data_class(config: Path) -> str:
+    """The data module class a config uses, also when its recipe names it."""
+    import yaml
+
+    from resnet_lab.launch import expand_recipes
+
+    files = expand_recipes(["--config", str(config)])[1::2]
+    named = [yaml.safe_load(Path(f).read_text()).get("data", {}).get("class_path") for f in files]
+    return [n for n in named if n][-1]
+
+
 def subprocess_env(*paths: Path | str) -> dict[str, str]:
     """This process's environment with `paths` (default: the repository's src/) first on PYTHONPATH."""
     front = [str(p) for p in paths] or [str(REPO / "src")]

@@ -7,7 +7,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from conftest import CONFIGS, REPO, subprocess_env, transformed
+from conftest import CONFIGS, REPO, data_class, subprocess_env, transformed
 from resnet_lab import ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
@@ -29,10 +29,10 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def data_args(config: Path, cifar_root: Path, imagenet_root: Path) -> list[str]:
-    text = config.read_text()
-    if "CIFAR10DataModule" in text:
+    data = data_class(config)
+    if data.endswith("CIFAR10DataModule"):
         return ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.num_workers", "0"]
-    if "ImageNetDataModule" in text:
+    if data.endswith("ImageNetDataModule"):
         return ["--data.root", str(imagenet_root), "--data.num_workers", "0"]
     return []
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import CONFIGS
+from conftest import CONFIGS, data_class
 from resnet_lab.cli import main
 
 EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))
@@ -42,7 +41,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def data_for(config: Path, cifar_root: Path, imagenet_root: Path) -> list[str]:
-    data = yaml.safe_load(config.read_text())["data"]["class_path"]
+    data = data_class(config)
     if data.endswith("CIFAR10DataModule"):
         return ["--data.root", str(cifar_root), "--data.val_size", "50", "--data.batch_size", "8"]
     if data.endswith("ImageNetDataModule"):

@@ -13,6 +13,7 @@ from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
+    expand_recipes,
     link_num_classes,
     newest_last_checkpoint,
     user_error,
@@ -94,3 +95,49 @@ def test_a_torchvision_factory_trains_as_the_backbone(cifar_root, tmp_path, monk
     [last] = Path("logs").glob("resnet20_cifar/version_0/checkpoints/last.ckpt")
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state["backbone.fc.weight"].shape == (10, 512)  # torchvision's ResNet, given CIFAR-10's class count
+
+
+def test_a_config_is_read_after_the_recipe_it_names(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text("seed_everything: 1\n")
+    (tmp_path / "recipes" / "family.yaml").write_text("recipe: base.yaml\n")
+    (tmp_path / "exp.yaml").write_text("recipe: recipes/family.yaml\nexperiment: exp\n")
+    args = ["fit", "--config", str(tmp_path / "exp.yaml"), "--config=preset.yaml", "--trainer.max_steps", "2"]
+    assert expand_recipes(args) == [
+        "fit",
+        "--config", str(tmp_path / "recipes" / "base.yaml"),
+        "--config", str(tmp_path / "recipes" / "family.yaml"),
+        "--config", str(tmp_path / "exp.yaml"),
+        "--config", "preset.yaml",
+        "--trainer.max_steps", "2",
+    ]  # fmt: skip
+    (tmp_path / "recipes" / "base.yaml").write_text("recipe: family.yaml\n")
+    with pytest.raises(ConfigError, match="name each other in a circle"):
+        expand_recipes(["--config", str(tmp_path / "exp.yaml")])
+    (tmp_path / "lost.yaml").write_text("recipe: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="lost.yaml names the recipe .*nowhere.yaml, which does not exist"):
+        expand_recipes(["--config", str(tmp_path / "lost.yaml")])
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_experiment_is_a_few_lines_over_its_recipe(config):
+    import yaml
+
+    settings = [line for line in config.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    named = yaml.safe_load(config.read_text())
+    assert named["experiment"] == config.stem
+    if "recipe" in named:
+        assert (config.parent / named["recipe"]).is_file() and len(settings) <= 22
+
+
+def test_the_run_is_named_by_its_config_not_by_its_file_name(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "my_copy.yaml"
+    copy.write_text((CONFIGS / "resnet20_cifar.yaml").read_text().replace("recipes/", f"{CONFIGS}/recipes/"))
+    main(["fit", "--config", str(copy), "--data.root", str(cifar_root), "--data.val_size", "50",
+          "--model.backbone.init_args.depth", "8", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.log_graph", "false"])  # fmt: skip
+    [run] = Path("logs").glob("*/version_0")
+    assert run.parent.name == "resnet20_cifar"
+    saved = (run / "config.yaml").read_text()
+    assert "recipe: null" in saved and "lr: 0.1" in saved  # the saved config holds the recipe's values itself

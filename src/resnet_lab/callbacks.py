@@ -279,9 +279,9 @@ class ThrottledProgressBar(TQDMProgressBar):
     """Lightning's progress bar, redrawn at most every `interval_s` seconds while training, and always before a
     validation and at the end of an epoch.
 
-    The stock bar redraws after every iteration, about 0.3 ms of Python each time on a CPU: a quarter of what
-    Lightning's loop itself costs per iteration, and some 5% of a compiled ResNet-20 iteration on a GPU. A
-    `refresh_rate` counted in iterations would instead leave a slow run's bar (ImageNet on a CPU) unchanged for minutes.
+    The stock bar redraws after every iteration, a sizeable share of what Lightning's loop itself costs per
+    iteration and of a compiled ResNet-20 iteration on a GPU (measured in docs/benchmarks.md). A `refresh_rate`
+    counted in iterations would instead leave a slow run's bar (ImageNet on a CPU) unchanged for minutes.
 
     Args:
         interval_s: the least time between two redraws of the training bar.

@@ -24,6 +24,8 @@ from resnet_lab.errors import ConfigError
 from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
+    expand_recipes,
+    first_config,
     link_num_classes,
     newest_last_checkpoint,
     user_error,
@@ -47,6 +49,12 @@ class ResNetLabCLI(LightningCLI):
     few times a second rather than after every iteration."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        given = sys.argv[1:] if args is None else args
+        self.named_config = first_config(given) if isinstance(given, list) else None
+        if args is None:  # the command line: read in place, as LightningCLI expects it there
+            sys.argv[1:] = expand_recipes(sys.argv[1:])
+        elif isinstance(args, list):
+            args = expand_recipes(args)
         super().__init__(
             ImageClassifier,
             LightningDataModule,
@@ -61,6 +69,18 @@ class ResNetLabCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--recipe",
+            type=str | None,
+            default=None,
+            help="in a config file: the recipe it stacks on (a config file, relative to this one), read before it",
+        )
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="the run folder's name under logs/ (each experiment config sets it; default: the first --config)",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -116,10 +136,14 @@ class ResNetLabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         link_num_classes(config)
-        # One folder per experiment: name the TensorBoard run after the first config file unless the user did.
+        config.recipe = None  # the saved config holds every value itself: no recipe to read before it
+        # One folder per experiment, named by the config (`experiment:`) unless the user named the run.
         init_args = getattr(config.trainer.logger, "init_args", None)
-        if config.get("config") and init_args is not None and init_args.get("name") == UNNAMED_RUN:
-            init_args.name = Path(str(config.config[0])).stem
+        if init_args is not None and init_args.get("name") == UNNAMED_RUN:
+            if config.get("experiment"):
+                init_args.name = config.experiment
+            elif self.named_config:
+                init_args.name = Path(self.named_config).stem
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
             if config.get("ckpt_path") == "last":

@@ -5,11 +5,59 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 
 from resnet_lab.checkpoints import read_checkpoint
 from resnet_lab.errors import ConfigError, DataError, UserError
+
+
+def _recipe_of(config: Path) -> Path | None:
+    try:
+        recipe = yaml.safe_load(config.read_text()).get("recipe")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # the parser reports an unreadable config itself
+    return (config.parent / recipe) if recipe else None
+
+
+def first_config(args: list[str]) -> str | None:
+    """The first `--config` file among command-line arguments."""
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def expand_recipes(args: list[str]) -> list[str]:
+    """Put each config's recipe before it: `--config E` whose file says `recipe: R` (a path relative to E) becomes
+    `--config R --config E`, recursively, so that an experiment is a few lines over its family's recipe and any
+    later `--config` or option still overrides both."""
+    expanded, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            path, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            path, i = arg.split("=", 1)[1], i + 1
+        else:
+            expanded.append(arg)
+            i += 1
+            continue
+        chain, seen = [Path(path)], {Path(path).resolve()}
+        while (recipe := _recipe_of(chain[0])) is not None:
+            if not recipe.is_file():
+                raise ConfigError(f"{chain[0]} names the recipe {recipe}, which does not exist")
+            if recipe.resolve() in seen:
+                raise ConfigError(f"the recipes of {path} name each other in a circle ({recipe})")
+            seen.add(recipe.resolve())
+            chain.insert(0, recipe)
+        for config in chain[:-1]:
+            expanded += ["--config", str(config)]
+        expanded += ["--config", path]
+    return expanded
 
 
 def check_lightning_checkpoint(path: str | Path) -> None:
