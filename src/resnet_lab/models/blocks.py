@@ -61,8 +61,8 @@ class PadShortcut(nn.Module):
         return f"stride={self.stride}, pad_channels=({self.pad_before}, {self.pad_after})"
 
 
-def check_shortcut(option: str) -> None:
-    if option not in SHORTCUTS:
+def check_shortcut(option: "str | type[nn.Module]") -> None:
+    if not isinstance(option, type) and option not in SHORTCUTS:
         raise ConfigError(
             f"unknown shortcut option {option!r}: choose one of {', '.join(SHORTCUTS)} "
             "(A: zero-padded identity, B: projection where the shape changes, C: projection everywhere; Sec. 3.3)"
@@ -70,7 +70,7 @@ def check_shortcut(option: str) -> None:
 
 
 def make_shortcut(
-    option: Shortcut,
+    option: "Shortcut | type[nn.Module]",
     in_planes: int,
     out_planes: int,
     stride: int,
@@ -80,14 +80,21 @@ def make_shortcut(
 
     A: identity, zero-padded where the shape changes. B: a 1x1 projection only where the shape changes.
     C: a projection on every unit. A projection is conv + norm, or the conv alone with `norm_layer=None`
-    (the pre-activation units, whose projection takes the already normalised input).
+    (the pre-activation units, whose projection takes the already normalised input). A class (a fork's own
+    shortcut) is built on every unit as `option(in_planes, out_planes, stride)`.
     """
+    if isinstance(option, type):
+        return option(in_planes, out_planes, stride)
     shape_changes = stride != 1 or in_planes != out_planes
-    if option == "C" or (option == "B" and shape_changes):
-        conv = conv1x1(in_planes, out_planes, stride)
-        return conv if norm_layer is None else nn.Sequential(conv, norm_layer(out_planes))
-    if option == "A" and shape_changes:
-        return PadShortcut(in_planes, out_planes, stride)
+    match option:
+        case "A":
+            return PadShortcut(in_planes, out_planes, stride) if shape_changes else None
+        case "B" | "C" if option == "C" or shape_changes:
+            conv = conv1x1(in_planes, out_planes, stride)
+            return conv if norm_layer is None else nn.Sequential(conv, norm_layer(out_planes))
+        case "B":
+            return None
+    check_shortcut(option)  # an unknown letter: say which exist
     return None
 
 
@@ -105,7 +112,7 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int = 1,
         *,
-        shortcut: Shortcut = "B",
+        shortcut: Shortcut | type[nn.Module] = "B",
         residual: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
@@ -150,7 +157,7 @@ class Bottleneck(nn.Module):
         planes: int,
         stride: int = 1,
         *,
-        shortcut: Shortcut = "B",
+        shortcut: Shortcut | type[nn.Module] = "B",
         residual: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
         stride_in_1x1: bool = True,
@@ -190,7 +197,9 @@ class _PreActivation(nn.Module):
     pre_activation = True
     downsample: nn.Module | None
 
-    def _shortcut(self, option: Shortcut, in_planes: int, out_planes: int, stride: int) -> nn.Module | None:
+    def _shortcut(
+        self, option: Shortcut | type[nn.Module], in_planes: int, out_planes: int, stride: int
+    ) -> nn.Module | None:
         # A projection shares the unit's BN-ReLU with the residual branch, so it is a bare conv (the authors' code).
         return make_shortcut(option, in_planes, out_planes, stride, norm_layer=None) if self.residual else None
 
@@ -215,7 +224,7 @@ class PreActBasicBlock(_PreActivation):
         planes: int,
         stride: int = 1,
         *,
-        shortcut: Shortcut = "B",
+        shortcut: Shortcut | type[nn.Module] = "B",
         residual: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
@@ -255,7 +264,7 @@ class PreActBottleneck(_PreActivation):
         planes: int,
         stride: int = 1,
         *,
-        shortcut: Shortcut = "B",
+        shortcut: Shortcut | type[nn.Module] = "B",
         residual: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:

@@ -71,7 +71,8 @@ class ResNet(nn.Module):
         stem_kernel_size: kernel of the first convolution (3 on CIFAR, 7 on ImageNet).
         stem_stride: stride of the first convolution.
         stem_pool: a 3x3 stride-2 max pool after the stem (ImageNet).
-        shortcut: "A", "B" or "C" (Sec. 3.3); ignored by plain nets.
+        shortcut: "A", "B" or "C" (Sec. 3.3), or a shortcut class built on every unit as
+            `shortcut(in_planes, out_planes, stride)`; ignored by plain nets.
         residual: False builds the plain counterpart with the same layers and no shortcuts.
         num_classes: outputs of the classifier.
         zero_init_residual: start each residual branch at zero (`zero_init_last()` of each unit; not in the paper).
@@ -91,7 +92,7 @@ class ResNet(nn.Module):
         stem_kernel_size: int,
         stem_stride: int,
         stem_pool: bool,
-        shortcut: Shortcut,
+        shortcut: Shortcut | type[nn.Module],
         residual: bool,
         num_classes: int,
         zero_init_residual: bool = False,
@@ -201,7 +202,7 @@ class CifarResNet(ResNet):
     def __init__(
         self,
         depth: int = 20,
-        shortcut: Shortcut = "A",
+        shortcut: Shortcut | type[nn.Module] = "A",
         residual: bool = True,
         num_classes: int = 10,
         zero_init_residual: bool = False,
@@ -266,7 +267,7 @@ class ImageNetResNet(ResNet):
     def __init__(
         self,
         depth: int = 50,
-        shortcut: Shortcut = "B",
+        shortcut: Shortcut | type[nn.Module] = "B",
         residual: bool = True,
         num_classes: int = 1000,
         stride_in_1x1: bool = True,
