@@ -7,6 +7,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# Command-line options that keep a test's run quiet: no progress bar, no model summary, no graph traced for TensorBoard.
+QUIET = [
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--trainer.logger.init_args.log_graph", "false",
+]  # fmt: skip
 IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042")
 
 

@@ -7,14 +7,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from conftest import CONFIGS, REPO, data_class, subprocess_env, transformed
+from conftest import CONFIGS, QUIET, REPO, data_class, subprocess_env, transformed
 from resnet_lab import ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
 
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml"))
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 def cifar_args(cifar_root: Path, *extra: str) -> list[str]:

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, data_class
+from conftest import CONFIGS, QUIET, data_class
 from resnet_lab.cli import main
+from resnet_lab.paper.__main__ import main as paper
 
 EXPERIMENTS = sorted(CONFIGS.glob("*.yaml"))
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
@@ -15,8 +16,7 @@ PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 # 1202-layer net outlasts its iteration).
 TINY = [
     "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.logger.init_args.log_graph", "false",
+    *QUIET,
 ]  # fmt: skip
 # What a preset needs on a machine with no GPU: the rest of it runs as written.
 ON_THIS_CPU = {
@@ -58,7 +58,13 @@ def fit(config_args: list[str], tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_fits(config, cifar_root, imagenet_root, tmp_path):
-    fit(["--config", str(config), *data_for(config, cifar_root, imagenet_root)], tmp_path)
+    last = fit(["--config", str(config), *data_for(config, cifar_root, imagenet_root)], tmp_path)
+    if config.stem.startswith("preact_resnet1") and config.stem != "preact_resnet1001_cifar":
+        # Fig. 7 on a pre-activation net: the stem conv and every unit's 3x3 convs, as the units declare them.
+        paper(["responses", str(last), "--limit-batches", "1", "--out", str(tmp_path / "fig7"), "--data-root",
+               str(cifar_root)])  # fmt: skip
+        rows = (tmp_path / "fig7.csv").read_text().splitlines()[1:]
+        assert len(rows) == {"preact_resnet110_cifar": 1 + 2 * 54, "preact_resnet164_cifar": 1 + 54}[config.stem]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

@@ -12,15 +12,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+from conftest import QUIET, REPO
 from resnet_lab.cli import main
 
 DOC = REPO / "docs" / "extending.md"
 BLOCK = re.compile(r"```(\w+)(?: file=(\S+))?\n(.*?)```", re.S)
 TINY = [
     "--data.batch_size", "16", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.logger.init_args.log_graph", "false",
+    *QUIET,
 ]  # fmt: skip
 
 

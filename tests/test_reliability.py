@@ -7,13 +7,11 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, RunsACommand, quiet_trainer, subprocess_env
+from conftest import CONFIGS, QUIET, REPO, RunsACommand, quiet_trainer, subprocess_env
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.checkpoints import check_state_dict_matches, read_checkpoint
 from resnet_lab.cli import main
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
-
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 @pytest.fixture
