@@ -7,7 +7,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -109,11 +108,6 @@ def fork(tmp_path, cifar_root, monkeypatch):
             (work / path).parent.mkdir(parents=True, exist_ok=True)
             (work / path).write_text(text)
     (work / "myfork" / "__init__.py").write_text("")
-    rng = np.random.default_rng(0)
-    (work / "npz_data").mkdir()
-    for split, n in (("train", 64), ("val", 16), ("test", 16)):
-        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        np.savez(work / "npz_data" / f"{split}.npz", images=images, labels=rng.integers(0, 10, n))
     monkeypatch.chdir(work)
     monkeypatch.syspath_prepend(str(work))
     monkeypatch.setenv("RESNET_LAB_DATA", str(cifar_root))

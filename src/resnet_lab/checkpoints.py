@@ -45,6 +45,6 @@ def check_state_dict_matches(model: nn.Module, state: dict, source: str) -> None
     ]
     raise ConfigError(
         f"{source} does not fit this model: {', '.join(p for p in parts if p)}. Was it trained with another depth, "
-        "shortcut option, plain/residual switch or number of classes? Use the config it was trained with "
-        "(its run folder's config.yaml)."
+        "residual unit (block), shortcut option, plain/residual switch or number of classes? Use the config it was "
+        "trained with (its run folder's config.yaml)."
     )

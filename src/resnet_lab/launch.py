@@ -49,7 +49,11 @@ def expand_recipes(args: list[str]) -> list[str]:
         chain, seen = [Path(path)], {Path(path).resolve()}
         while (recipe := _recipe_of(chain[0])) is not None:
             if not recipe.is_file():
-                raise ConfigError(f"{chain[0]} names the recipe {recipe}, which does not exist")
+                raise ConfigError(
+                    f"{chain[0]} names the recipe {recipe}, which does not exist (a recipe path is read relative to "
+                    "the folder of the config that names it). A config that already holds every value, like one "
+                    "printed by --print_config, needs none: set `recipe: null` in it"
+                )
             if recipe.resolve() in seen:
                 raise ConfigError(f"the recipes of {path} name each other in a circle ({recipe})")
             seen.add(recipe.resolve())

@@ -140,6 +140,8 @@ class BatchOrder(DistributedSampler):
     ) -> None:
         self.size, self.batch_size, self.train, self.device = size, batch_size, train, torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        # What Lightning reads of a DistributedSampler (DistributedSampler.__init__ would query the process group).
+        self.num_replicas, self.shuffle, self.drop_last = world_size, train, train
         self.epoch = 0
         self.position = 0  # batches of the current epoch handed out
         self.resume_at: tuple[int, int] | None = None  # (epoch, position) from a checkpoint

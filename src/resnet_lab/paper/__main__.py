@@ -38,8 +38,9 @@ def _responses(args: argparse.Namespace) -> None:
         batches = (data.on_after_batch_transfer(batch, 0) for batch in data.test_dataloader())
         if args.limit_batches:
             batches = [b for b, _ in zip(batches, range(args.limit_batches), strict=False)]
-        kind = "ResNet" if model.backbone.residual else "plain"
-        curves[f"{kind}-{model.backbone.depth} ({run.name})"] = layer_response_std(
+        net = model.backbone
+        kind = "ResNet" if getattr(net, "residual", True) else "plain"
+        curves[f"{kind}-{getattr(net, 'depth', '?')} ({run.name})"] = layer_response_std(
             model.backbone, batches, args.device
         )[1]
     for path in plot_responses(curves, args.out):
