@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import quiet_trainer, transformed
@@ -214,3 +215,69 @@ def test_the_progress_bar_redraws_at_most_once_per_interval_and_shows_the_true_c
         assert redraws >= steps  # as the stock bar: after every iteration
     else:
         assert redraws <= 15
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a value (`.item()`, `bool()`,
+    `int()`) or an op whose output shape depends on the data."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "equal", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class SyncsPerIteration(L.Callback):
+    """Host syncs from the start of each iteration to the end of every callback's on_train_batch_end (this
+    callback comes last)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, list[str]] = {}
+        self.mode: HostSyncs | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.mode = HostSyncs()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mode.__exit__(None, None, None)
+        self.per_step[trainer.global_step] = self.mode.ops
+
+
+def test_an_iteration_makes_the_host_wait_only_where_the_loggers_write(tmp_path, cifar_root):
+    from resnet_lab.callbacks import (
+        CheckpointOnSignal,
+        PeriodicCheckpoint,
+        SpeedMonitor,
+        StopOnNonFiniteLoss,
+        ValidateAtMaxSteps,
+    )
+
+    L.seed_everything(0)
+    data = CIFAR10DataModule(root=str(cifar_root), batch_size=8, val_size=50, num_workers=0, download=False)
+    model = ImageClassifier(CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    syncs = SyncsPerIteration()
+    callbacks = [
+        ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss(), CheckpointOnSignal(), PeriodicCheckpoint(),
+        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"), syncs,
+    ]  # fmt: skip
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = quiet_trainer(tmp_path, max_steps=12, log_every_n_steps=5, callbacks=callbacks, logger=logger,
+                            limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    logging_steps = {5, 10, 12}
+    assert set(syncs.per_step) == set(range(1, 13))
+    assert {step: ops for step, ops in syncs.per_step.items() if ops and step not in logging_steps} == {}
+    assert all(syncs.per_step[step] for step in (5, 10))  # positive control: the NaN check reads its flag there
+    # The batch transforms (augmentation and normalisation, in on_after_batch_transfer) wait for nothing either.
+    raw = next(iter(data.train_dataloader()))
+    with HostSyncs() as mode:
+        data.on_after_batch_transfer(raw, 0)
+    assert mode.ops == []
