@@ -44,9 +44,9 @@ UNNAMED_RUN = "default"
 class ResNetLabCLI(LightningCLI):
     """LightningCLI with the data module's class count handed to the backbone, best-on-validation and latest
     checkpoints (`--ckpt_path last` resumes the newest run in its own folder), a checkpoint and a clean exit on
-    SIGTERM/SIGUSR1, per-step learning-rate and speed logging, a validation at the last step, and TensorBoard runs
-    (with hyperparameters and the network graph) under `logs/<first config's name>/`, and a progress bar redrawn a
-    few times a second rather than after every iteration."""
+    SIGTERM/SIGUSR1, per-step learning-rate and speed logging, a validation at the last step, TensorBoard runs
+    (with hyperparameters and the network graph) under `logs/<experiment>/`, each config read after the recipe it
+    names, and a progress bar redrawn a few times a second rather than after every iteration."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         given = sys.argv[1:] if args is None else args

@@ -112,20 +112,18 @@ def build_datamodule(data: dict) -> LightningDataModule:
     return parser.instantiate(parser.parse_object({"data": data})).data
 
 
-def link_num_classes(config: Namespace) -> LightningDataModule:
+def link_num_classes(config: Namespace) -> None:
     """Give the network as many outputs as the data has classes (ImageNet subsets count their folders).
 
     Done here rather than with the parser's `link_arguments`: jsonargparse cannot link into the arguments of a
     factory function, which is how torchvision and timm expose their networks (`torchvision.models.resnet18`).
     The parser has already listed the network's arguments in `init_args`, those it takes through `**kwargs` too
     (torchvision's factories pass `num_classes` on to `ResNet`); a network without one is left as it is.
-    Returns the data module it built to count the classes.
     """
     data = build_datamodule(config.data.as_dict() if isinstance(config.data, Namespace) else config.data)
     init_args = config.model.backbone.get("init_args")
     if getattr(data, "num_classes", None) is not None and init_args is not None and "num_classes" in init_args:
         init_args.num_classes = data.num_classes
-    return data
 
 
 def user_error(err: BaseException | None) -> UserError | None:

@@ -10,6 +10,8 @@ iterations the loggers write, so no iteration waits on the device.
 import torch
 from torch import Tensor
 
+from resnet_lab.errors import ConfigError
+
 
 class TrainingMetric:
     """A training metric as the sum over a batch's images of a per-image value; logged as `train/<name>`, the mean
@@ -67,7 +69,7 @@ class TrainingMeans:
     def __init__(self, metrics: list[TrainingMetric]) -> None:
         names = [m.name for m in metrics]
         if len(set(names)) != len(names):
-            raise ValueError(f"training metrics must have distinct names, got {names}")
+            raise ConfigError(f"model.train_metrics must have distinct names, got {names}")
         self.metrics = metrics
         self.sums = torch.zeros(2, len(metrics))
         self.images = [0, 0]  # window, epoch

@@ -179,6 +179,21 @@ class BatchOrder(DistributedSampler):
             yield (batch_key(self.seed, self.epoch, batch) if self.train else NO_AUGMENTATION), indices
 
 
+class ImageSplit(Dataset):
+    """One split: uint8 images [N, C, H, W] and int64 labels [N], indexed by whole batches (a `BatchOrder`'s
+    (key, indices)), which is how both loaders read it."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, batch: tuple[int, Tensor]) -> tuple[Tensor, Tensor, int]:
+        key, indices = batch
+        return self.images[indices], self.labels[indices], key
+
+
 class DeviceBatches:
     """(uint8 images, labels, key) batches sliced from a split held on the training device: no worker processes,
     no copies, no per-sample Python.
@@ -192,7 +207,7 @@ class DeviceBatches:
     batch_sampler = None  # Lightning inspects a loader's samplers; batches are made here instead
 
     def __init__(self, images: Tensor, labels: Tensor, order: BatchOrder) -> None:
-        self.images, self.labels, self.order = images, labels, order
+        self.split, self.order = ImageSplit(images, labels), order
 
     @property
     def sampler(self) -> BatchOrder:
@@ -209,45 +224,21 @@ class DeviceBatches:
         return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        for key, indices in self.order:
-            yield self.images[indices], self.labels[indices], key
+        for batch in self.order:
+            yield self.split[batch]
 
 
-class TensorBatches(Dataset):
-    """A split in host memory, indexed by whole batches (a `BatchOrder`'s (key, indices)): the DataLoader path."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, batch: tuple[int, Tensor]) -> tuple[Tensor, Tensor, int]:
-        key, indices = batch
-        return self.images[indices], self.labels[indices], key
-
-
-def dataloader_batches(images: Tensor, labels: Tensor, order: BatchOrder, num_workers: int) -> DataLoader:
+def dataloader_batches(split: ImageSplit, order: BatchOrder, num_workers: int) -> DataLoader:
     """The same batches as `DeviceBatches`, gathered in `num_workers` processes from host memory and copied to the
     device (for splits that should not occupy device memory)."""
     return DataLoader(
-        TensorBatches(images, labels),
+        split,
         sampler=order,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-
-
-class ImageSplit:
-    """One split as uint8 images [N, C, H, W] and int64 labels [N]."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 class InMemoryDataModule(ClassificationDataModule):
@@ -305,7 +296,7 @@ class InMemoryDataModule(ClassificationDataModule):
         order = BatchOrder(len(split), self.process_batch_size, train, self.data_seed, rank, world_size, device)
         if on_device:
             return DeviceBatches(split.images.to(device), split.labels.to(device), order)
-        return dataloader_batches(split.images, split.labels, order, self.num_workers)
+        return dataloader_batches(split, order, self.num_workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Lightning also passes the model's example input through here (for the graph and the summary): only this

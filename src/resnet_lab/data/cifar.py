@@ -116,7 +116,7 @@ class CIFAR10DataModule(InMemoryDataModule):
         loader: "device" keeps each split on the training device as uint8 (fast; no worker processes);
             "dataloader" keeps it in host memory and copies each batch over from `num_workers` processes. Both give
             the same batches and augment them in the same place.
-        seed: base seed of the "device" loader's per-epoch shuffle and augmentation; None (the default) follows
+        seed: base seed of the per-epoch shuffle and the augmentation draws; None (the default) follows
             the run's `seed_everything`, so runs of different seeds differ in training order and augmentation
             as well as in their initial weights (the split stays fixed by `split_seed`).
     """

@@ -86,15 +86,12 @@ def make_shortcut(
     if isinstance(option, type):
         return option(in_planes, out_planes, stride)
     shape_changes = stride != 1 or in_planes != out_planes
-    match option:
-        case "A":
-            return PadShortcut(in_planes, out_planes, stride) if shape_changes else None
-        case "B" | "C" if option == "C" or shape_changes:
-            conv = conv1x1(in_planes, out_planes, stride)
-            return conv if norm_layer is None else nn.Sequential(conv, norm_layer(out_planes))
-        case "B":
-            return None
-    check_shortcut(option)  # an unknown letter: say which exist
+    if option == "C" or (option == "B" and shape_changes):
+        conv = conv1x1(in_planes, out_planes, stride)
+        return conv if norm_layer is None else nn.Sequential(conv, norm_layer(out_planes))
+    if option == "A" and shape_changes:
+        return PadShortcut(in_planes, out_planes, stride)
+    check_shortcut(option)  # the plain identity, unless the letter is unknown
     return None
 
 
