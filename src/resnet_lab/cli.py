@@ -8,7 +8,7 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from resnet_lab.callbacks import (
@@ -24,18 +24,25 @@ from resnet_lab.errors import ConfigError
 from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
+    config_overrides,
     expand_recipes,
     first_config,
     link_num_classes,
     newest_last_checkpoint,
+    run_name,
+    scale_schedule,
     user_error,
 )
 from resnet_lab.module import ImageClassifier
+from resnet_lab.records import RunRecord
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 # TensorBoard draws the network graph with torch.jit.trace, which torch >= 2.9 calls deprecated.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
+# Lightning counts the logging interval in iterations across epochs, so short epochs (a --schedule_scale run) still
+# log every log_every_n_steps iterations, as this warning would have one believe they do not.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 LOG_DIR = "logs"
 UNNAMED_RUN = "default"
@@ -80,6 +87,15 @@ class ResNetLabCLI(LightningCLI):
             type=str | None,
             default=None,
             help="the run folder's name under logs/ (each experiment config sets it; default: the first --config)",
+        )
+        parser.add_argument(
+            "--schedule_scale",
+            type=float,
+            default=1.0,
+            help="fit only: train this fraction of the schedule with its shape kept, e.g. 0.0625 for 1/16: epochs "
+            "of that fraction of the data, and every count of iterations (max_steps, the milestones of an "
+            "iteration-wise lr schedule, an iteration val_check_interval) multiplied by it; warm-up rules unchanged. "
+            "The run goes to logs/<experiment>-scale1of16/",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -139,15 +155,32 @@ class ResNetLabCLI(LightningCLI):
         config.recipe = None  # the saved config holds every value itself: no recipe to read before it
         # One folder per experiment, named by the config (`experiment:`) unless the user named the run.
         init_args = getattr(config.trainer.logger, "init_args", None)
+        scale = config.get("schedule_scale") or 1.0
         if init_args is not None and init_args.get("name") == UNNAMED_RUN:
-            if config.get("experiment"):
-                init_args.name = config.experiment
-            elif self.named_config:
-                init_args.name = Path(self.named_config).stem
+            name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
+            if name:
+                init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
+        self.run_record = None
+        if self.subcommand == "fit":
+            self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale)
+            self.config_as_given = config.clone()  # what config.yaml keeps: the schedule before its scale
+            scale_schedule(config, scale)
+        elif self.subcommand == "test":
+            self.run_record = RunRecord(config.get("experiment"))
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
             if config.get("ckpt_path") == "last":
                 self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
+
+    def _overrides(self, config: Namespace) -> list[str] | None:
+        """How this run differs from its experiment's config (the first --config, with its recipe) read alone."""
+        if not self.named_config:
+            return None
+        try:
+            base = self.parser.parse_args([self.subcommand, *expand_recipes(["--config", self.named_config])])
+        except (SystemExit, Exception):  # noqa: BLE001 - the experiment alone may need what the command added
+            return None
+        return config_overrides(config, base[self.subcommand])
 
     def _resume_last_run(self, config: Namespace, experiment: Path) -> None:
         """`--ckpt_path last`: see `newest_last_checkpoint`; `fit` goes on in that run's folder, so its TensorBoard
@@ -168,10 +201,13 @@ class ResNetLabCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         callbacks = config["trainer"].get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        extra = [self.run_record] if getattr(self, "run_record", None) is not None else []
         if config["trainer"].get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            kwargs.setdefault("callbacks", [*callbacks, ThrottledProgressBar()])
+            extra.append(ThrottledProgressBar())
+        if extra:
+            kwargs.setdefault("callbacks", [*callbacks, *extra])
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
@@ -180,6 +216,9 @@ class ResNetLabCLI(LightningCLI):
                 "--trainer.devices, --trainer.strategy and --trainer.precision "
                 "(without a GPU: --trainer.accelerator cpu)"
             ) from err
+        for callback in trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback) and hasattr(self, "config_as_given"):
+                callback.config = self.config_as_given
         on_cpu = trainer.strategy.root_device.type == "cpu"
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
             # Otherwise every process stops with torch's traceback when DDP wraps the model.

@@ -1,8 +1,11 @@
 """What the command line does before any work, as plain functions: check the files it was given, find the run to
 resume, hand the data's class count to the network, and turn a user's mistake into one line."""
 
+import json
 import os
 import tempfile
+from fractions import Fraction
+from importlib import import_module
 from pathlib import Path
 
 import yaml
@@ -133,3 +136,130 @@ def user_error(err: BaseException | None) -> UserError | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+# Scheduler arguments counted in scheduler steps, which `scale_schedule` multiplies when the scheduler steps every
+# iteration. A scheduler of your own names its own in a `scaled_arguments` class attribute. Warm-up lengths
+# (LinearLR, ConstantLR, WarmupMultiStepLR's warmup_steps) are left as the recipe states them.
+SCALED_SCHEDULER_ARGUMENTS = {
+    "MultiStepLR": ("milestones",),
+    "StepLR": ("step_size",),
+    "CosineAnnealingLR": ("T_max",),
+    "CosineAnnealingWarmRestarts": ("T_0",),
+    "OneCycleLR": ("total_steps",),
+    "PolynomialLR": ("total_iters",),
+    "ReduceLROnPlateau": (),
+}
+
+
+def _scaled_count(value: int, scale: float) -> int:
+    return max(1, round(value * scale))
+
+
+def _scheduler_arguments(class_path: str) -> tuple[str, ...]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        scheduler = getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        scheduler = None
+    declared = getattr(scheduler, "scaled_arguments", None)
+    if declared is not None:
+        return tuple(declared)
+    if name in SCALED_SCHEDULER_ARGUMENTS:
+        return SCALED_SCHEDULER_ARGUMENTS[name]
+    raise ConfigError(
+        f"--schedule_scale cannot scale the learning-rate schedule {class_path}: it does not say which of its "
+        "arguments count iterations. Give the class a `scaled_arguments = (...)` attribute naming them (`()` if "
+        f"none), or use one of {', '.join(SCALED_SCHEDULER_ARGUMENTS)}"
+    )
+
+
+def scale_schedule(config: Namespace, scale: float) -> None:
+    """Shrink the run to `scale` of its schedule with its shape kept (`--schedule_scale`), in place.
+
+    An epoch becomes `scale` of the data (`trainer.limit_train_batches`) and every count of iterations is multiplied
+    by `scale` (`trainer.max_steps`, an iteration `val_check_interval`, the milestones of a schedule that steps
+    every iteration); counts of epochs stay. So validations, epoch-wise and iteration-wise lr decays fall at the same
+    fractions of training as in the full run: 1/16 of CIFAR's 64k iterations is 4k iterations with the lr divided
+    by 10 at 2k and 3k and a validation every 22 iterations (each 1/16-epoch). Warm-up rules stay as the paper
+    states them (a training-error threshold, a fixed number of warm-up iterations).
+    """
+    if not 0 < scale <= 1:
+        raise ConfigError(f"--schedule_scale must be in (0, 1] (e.g. 0.0625 for 1/16 of the schedule), got {scale}")
+    if scale == 1:
+        return
+    trainer = config.trainer
+    if not trainer.get("max_steps") or trainer.max_steps < 0:
+        raise ConfigError(
+            "--schedule_scale needs a schedule counted in iterations (trainer.max_steps); this config has "
+            f"max_steps {trainer.get('max_steps')}"
+        )
+    trainer.max_steps = _scaled_count(trainer.max_steps, scale)
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        trainer.limit_train_batches = _scaled_count(limit, scale)
+    else:
+        trainer.limit_train_batches = (1.0 if limit is None else float(limit)) * scale
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        trainer.val_check_interval = _scaled_count(interval, scale)
+    scheduler = config.model.get("lr_scheduler")
+    if scheduler is not None and config.model.get("scheduler_interval", "epoch") == "step":
+        for name in _scheduler_arguments(scheduler.class_path):
+            value = scheduler.init_args.get(name)
+            if isinstance(value, int):
+                scheduler.init_args[name] = _scaled_count(value, scale)
+            elif isinstance(value, list):
+                scheduler.init_args[name] = [_scaled_count(v, scale) for v in value]
+
+
+def scale_label(scale: float) -> str:
+    """`1/16` for 0.0625; `1` for the full schedule."""
+    fraction = Fraction(scale).limit_denominator(10000)
+    return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
+
+
+def run_name(experiment: str, scale: float) -> str:
+    """The experiment's folder under logs/: a scaled run's name says its scale (`resnet20_cifar-scale1of16`), so
+    that it is never taken for (or resumed as) a full-schedule run."""
+    return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
+
+
+# Settings that say where a run is written or read, not what it trains; and the seed, which the ledger keeps apart.
+NOT_OVERRIDES = (
+    "config",
+    "recipe",
+    "experiment",
+    "ckpt_path",
+    "seed_everything",
+    "schedule_scale",
+    "test_after_fit",
+    "data.init_args.root",
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "model.backbone.init_args.num_classes",
+)
+
+
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict) and value:
+        flat = {}
+        for key, item in value.items():
+            flat |= _flatten(item, f"{prefix}{key}.")
+        return flat
+    return {prefix[:-1]: value}
+
+
+def config_overrides(config: Namespace, base: Namespace) -> list[str]:
+    """`key=value` (the value as JSON) for every setting of `config` that differs from `base`, its experiment's
+    config as read alone, leaving out paths, names and the seed (`NOT_OVERRIDES`)."""
+    mine, theirs = _flatten(config), _flatten(base)
+    changed = []
+    for key in sorted({*mine, *theirs}):
+        if any(key == skip or key.startswith(f"{skip}.") for skip in NOT_OVERRIDES):
+            continue
+        if mine.get(key) != theirs.get(key):
+            changed.append(f"{key}={json.dumps(mine.get(key), default=str)}")
+    return changed

@@ -27,6 +27,9 @@ class WarmupMultiStepLR(LRScheduler):
         last_epoch: index of the last step, -1 to start.
     """
 
+    # What `--schedule_scale` multiplies; the warm-up is left as the paper states it.
+    scaled_arguments = ("milestones",)
+
     def __init__(
         self,
         optimizer: Optimizer,

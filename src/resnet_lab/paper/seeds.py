@@ -1,4 +1,4 @@
-"""Run one experiment for several seeds, each into `logs/<config name>/seed<k>/`, fit then test.
+"""Run one experiment for several seeds, each into `logs/<experiment>/seed<k>/`, fit then test.
 
 Sequentially here, or printed as one command per seed for a cluster's job array (`--print-commands`).
 """
@@ -7,9 +7,28 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from resnet_lab.cli import LOG_DIR
 from resnet_lab.cli import main as cli_main
 from resnet_lab.errors import ConfigError
+from resnet_lab.launch import run_name
+
+
+def _option(extra: list[str], name: str, default: str) -> str:
+    return extra[extra.index(name) + 1] if name in extra and extra.index(name) + 1 < len(extra) else default
+
+
+def experiment_folder(config: Path, extra: list[str]) -> Path:
+    """Where the command line writes this config's runs: `<save_dir>/<experiment>[-scale1of16]/`."""
+    try:
+        experiment = (yaml.safe_load(config.read_text()) or {}).get("experiment") or config.stem
+    except (OSError, yaml.YAMLError, AttributeError):
+        experiment = config.stem  # main.py reports an unreadable config itself
+    name = _option(extra, "--trainer.logger.init_args.name", None) or run_name(
+        experiment, float(_option(extra, "--schedule_scale", "1"))
+    )
+    return Path(_option(extra, "--trainer.logger.init_args.save_dir", LOG_DIR)) / name
 
 
 def seed_args(config: Path, seed: int, extra: list[str]) -> list[str]:
@@ -17,7 +36,6 @@ def seed_args(config: Path, seed: int, extra: list[str]) -> list[str]:
         "fit",
         "--config", str(config),
         "--seed_everything", str(seed),
-        "--trainer.logger.init_args.name", config.stem,
         "--trainer.logger.init_args.version", f"seed{seed}",
         "--test_after_fit", "true",
         *extra,
@@ -25,11 +43,10 @@ def seed_args(config: Path, seed: int, extra: list[str]) -> list[str]:
 
 
 def run_seeds(config: Path, seeds: list[int], extra: list[str], print_commands: bool = False) -> None:
-    option = "--trainer.logger.init_args.save_dir"
-    save_dir = Path(extra[extra.index(option) + 1] if option in extra else LOG_DIR)
-    done = [s for s in seeds if (save_dir / config.stem / f"seed{s}" / "config.yaml").exists()]
+    folder = experiment_folder(config, extra)
+    done = [s for s in seeds if (folder / f"seed{s}" / "config.yaml").exists()]
     if done and not print_commands:
-        raise ConfigError(f"{save_dir / config.stem} already holds seeds {done}: choose other seeds or move them")
+        raise ConfigError(f"{folder} already holds seeds {done}: choose other seeds or move them")
     for seed in seeds:
         args = seed_args(config, seed, extra)
         if print_commands:

@@ -1,0 +1,195 @@
+"""What a results ledger needs to know of a run that its config and logs do not say, kept in `<run>/run.json`:
+the source commit, the device, the library versions, how the run differs from its experiment's config, its
+schedule scale, its training wall time, and the test results of its weights (`python -m resnet_lab.paper record`)."""
+
+import json
+import platform
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+import torchvision
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from resnet_lab.checkpoints import read_checkpoint
+from resnet_lab.errors import ConfigError
+
+RUN_FILE = "run.json"
+
+
+def source_commit() -> str:
+    """The git commit of this package's source, `+dirty` if tracked files differ from it (results/ aside, which
+    the ledger itself changes); `unknown` outside a git checkout."""
+    source = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)results")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def device_name(trainer: Trainer) -> str:
+    """The accelerator the run trained on, e.g. `NVIDIA H200` or `cpu: AMD EPYC 7B13, 2 threads`."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        model = platform.processor() or platform.machine()
+        try:
+            lines = Path("/proc/cpuinfo").read_text().splitlines()
+            model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"cpu: {model}, {torch.get_num_threads()} threads"
+    else:
+        name = device.type
+    return f"{trainer.world_size} x {name}" if trainer.world_size > 1 else name
+
+
+def read_run_file(run: Path) -> dict:
+    path = run / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_run_file(run: Path, record: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    partial = run / f".{RUN_FILE}.tmp"
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(run / RUN_FILE)  # never a half-written file, even if the job is killed while writing
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RunRecord(Callback):
+    """Keep `<run>/run.json` up to date: what the run is (at fit start), how far it got and how long it took (at fit
+    end), and every test of its weights (`main.py test --ckpt_path <run>/checkpoints/...`, or `--test_after_fit`).
+
+    The command line adds it to every run that has a logger; `python -m resnet_lab.paper record` reads the file.
+    Its state travels in checkpoints, so a resumed run keeps its identity and sums its wall time, and a run is
+    refused if resumed with another schedule scale than it was started with.
+
+    Args:
+        experiment: the experiment's name (its config's `experiment:`).
+        overrides: `key=value` for every setting in which the run differs from its experiment's config.
+        schedule_scale: the fraction of the experiment's schedule the run trains (`--schedule_scale`).
+    """
+
+    def __init__(self, experiment: str | None = None, overrides: list[str] | None = None, schedule_scale: float = 1.0):
+        self.experiment = experiment
+        self.overrides = overrides
+        self.schedule_scale = schedule_scale
+        self.run_id: str | None = None
+        self.started: str | None = None
+        self.wall_s_before = 0.0  # training wall time of the sessions before a resume
+        self.session_start: float | None = None
+        self.resumed_scale: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "started": self.started,
+            "wall_s": self._wall_s(),
+            "schedule_scale": self.schedule_scale,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run_id, self.started = state_dict.get("run_id"), state_dict.get("started")
+        self.wall_s_before = float(state_dict.get("wall_s", 0.0))
+        self.resumed_scale = state_dict.get("schedule_scale", 1.0)
+
+    def _wall_s(self) -> float:
+        session = 0.0 if self.session_start is None else time.perf_counter() - self.session_start
+        return self.wall_s_before + session
+
+    @staticmethod
+    def _folder(trainer: Trainer) -> Path | None:
+        return Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.resumed_scale is not None and self.resumed_scale != self.schedule_scale:
+            raise ConfigError(
+                f"this checkpoint was trained with --schedule_scale {self.resumed_scale} and is resumed with "
+                f"{self.schedule_scale}: resume it with --schedule_scale {self.resumed_scale}"
+            )
+        self.session_start = time.perf_counter()
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        self.started = self.started or _now()
+        folder = self._folder(trainer)
+        if folder is None or not trainer.is_global_zero:
+            return
+        record = read_run_file(folder)
+        if record.get("run_id") not in (None, self.run_id):
+            record = {}  # another run's file: a new run in a reused folder starts its own record
+        record |= {
+            "run_id": self.run_id,
+            "experiment": self.experiment,
+            "overrides": self.overrides,
+            "schedule_scale": self.schedule_scale,
+            "planned_iterations": trainer.max_steps,
+            "started": self.started,
+            "commit": source_commit(),
+            "device": device_name(trainer),
+            "precision": str(trainer.precision),
+            "versions": {
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "torchvision": torchvision.__version__,
+            },
+            "finished": None,
+        }
+        record.setdefault("tests", [])
+        _write_run_file(folder, record)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = self._folder(trainer)
+        if folder is None or not trainer.is_global_zero:
+            return
+        record = read_run_file(folder) | {
+            "iterations": trainer.global_step,
+            "wall_s": round(self._wall_s(), 1),
+            "finished": _now(),
+        }
+        _write_run_file(folder, record)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if trainer.ckpt_path:  # the weights of a checkpoint: their test goes into the run that trained them
+            checkpoint = Path(trainer.ckpt_path)
+            folder = checkpoint.parent.parent
+            step = read_checkpoint(checkpoint).get("global_step")
+            weights = checkpoint.name
+        else:  # --test_after_fit: the weights just trained
+            folder, step, weights = self._folder(trainer), trainer.global_step, "final"
+        if folder is None or not (folder / RUN_FILE).is_file():
+            return  # weights from elsewhere (an imported checkpoint): no run to add the test to
+        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        data = trainer.datamodule
+        test_range = getattr(data, "test_range", None)
+        record = read_run_file(folder)
+        record["tests"] = [
+            *record.get("tests", []),
+            {
+                "weights": weights,
+                "step": step,
+                "test_subset": "full" if test_range is None else f"test_range {list(test_range)}",
+                "date": _now(),
+                "commit": source_commit(),
+                "metrics": metrics,
+            },
+        ]
+        _write_run_file(folder, record)
