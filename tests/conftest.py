@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -25,6 +26,25 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_k
     }
     with path.open("wb") as f:
         pickle.dump(entry, f)
+
+
+# A few-iteration CIFAR run: what the reproduction commands' tests fit.
+TINY_RUN = ["--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
+            "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.log_graph", "false"]  # fmt: skip
+
+
+def write_tiny_cifar(root: Path, images_per_batch: int = 40) -> Path:
+    """`root`/cifar-10-batches-py in the real layout: 5 train batches and a test batch of random images."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = torch.randint(0, 10, (images_per_batch,), generator=g).tolist()
+        images = torch.randint(0, 256, (images_per_batch, 3, 32, 32), generator=g).numpy().astype("uint8")
+        write_cifar_batch(folder / name, images, labels)
+    return root
 
 
 class RunsACommand:

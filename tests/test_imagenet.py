@@ -183,7 +183,11 @@ def test_real_imagenette_subset(shared_data):
     if not root.is_dir():
         pytest.skip("imagenette-mini not found beside the real CIFAR-10")
     dm = ImageNetDataModule(
-        root=str(root), batch_size=8, crop_size=112, train_augmentation=PaperAugmentation((128, 240)), val_resize=128,
+        root=str(root),
+        batch_size=8,
+        crop_size=112,
+        train_augmentation=PaperAugmentation((128, 240)),
+        val_resize=128,
         num_workers=0,
     )
     dm.setup("fit")

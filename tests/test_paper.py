@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CONFIGS, quiet_trainer
+from conftest import CONFIGS, TINY_RUN, quiet_trainer, write_tiny_cifar
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
 from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.models import Bottleneck, PreActBasicBlock, PreActBottleneck
@@ -21,26 +21,12 @@ from resnet_lab.paper.runs import Run, find_runs
 from resnet_lab.paper.tables import results_table
 from resnet_lab.paper.weights import import_cifar_checkpoint, load_torchvision_weights
 
-TINY = ["--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.log_graph", "false"]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory) -> Path:
     """plain-20 and ResNet-20, two seeds each, fit + test on a small on-disk CIFAR, as `seeds` runs them."""
-    from conftest import write_cifar_batch
-
     root = tmp_path_factory.mktemp("work")
-    folder = root / "data" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = torch.randint(0, 10, (40,), generator=g).tolist()
-        write_cifar_batch(
-            folder / name, torch.randint(0, 256, (40, 3, 32, 32), generator=g).numpy().astype("uint8"), labels
-        )
+    write_tiny_cifar(root / "data")
     cwd = Path.cwd()
     import os
 
@@ -56,7 +42,7 @@ def seeded_runs(tmp_path_factory) -> Path:
                     "1",
                     "--data.root",
                     str(root / "data"),
-                    *TINY,
+                    *TINY_RUN,
                 ]
             )
     finally:

@@ -3,6 +3,7 @@ exactly the weights and logged metrics of a run never interrupted (CPU, determin
 signals, real files."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch
+from resnet_lab.paper.ledger import RecordError, ledger_rows
+from resnet_lab.paper.runs import Run
+from resnet_lab.records import read_run_file
 
 MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 1 and 2
 
@@ -170,9 +174,23 @@ def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(work
     assert 16 <= step < MAX_STEPS
     assert f"{folder}: saved {last.relative_to(workspace / folder)} after iteration {step}" in err
 
+    # The results ledger refuses the stopped run, and takes it once resumed to its end: the same run, its wall time
+    # summed over both sessions.
+    stopped_record = read_run_file(run_dir(workspace, folder))
+    assert stopped_record["finished"] is None and "iterations" not in stopped_record
+    resume = re.escape("python main.py fit --config configs/resnet20_cifar.yaml --ckpt_path last")
+    with pytest.raises(
+        RecordError, match=rf"unfinished \(stopped before the end of {MAX_STEPS} iterations\): .*`{resume}`"
+    ):
+        ledger_rows(Run(run_dir(workspace, folder)))
+
     if signum == signal.SIGTERM:  # SIGUSR1 leaves the same checkpoint through the same code
         finished(run(workspace, folder, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         assert_resumed_like(reference, run_dir(workspace, folder))
+        resumed_record = read_run_file(run_dir(workspace, folder))
+        assert resumed_record["run_id"] == stopped_record["run_id"]
+        assert resumed_record["iterations"] == MAX_STEPS and resumed_record["finished"]
+        assert resumed_record["wall_s"] > 16 * 0.25  # the first session's paced iterations are counted
 
 
 def test_resuming_with_nothing_to_resume_says_so(workspace):

@@ -169,6 +169,11 @@ class ResNetLabCLI(LightningCLI):
             self.run_record = RunRecord(config.get("experiment"))
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
+            # A test of a run read from its own config.yaml (a `seeds` run names its version) gets a folder of its
+            # own, as any other test does, rather than the run's, whose config.yaml it must not replace.
+            run = Path(init_args.save_dir) / str(init_args.get("name")) / str(init_args.get("version"))
+            if self.subcommand != "fit" and init_args.get("version") is not None and (run / "config.yaml").is_file():
+                init_args.version = None
             if config.get("ckpt_path") == "last":
                 self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
 

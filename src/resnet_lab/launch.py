@@ -196,10 +196,11 @@ def scale_schedule(config: Namespace, scale: float) -> None:
         )
     trainer.max_steps = _scaled_count(trainer.max_steps, scale)
     limit = trainer.get("limit_train_batches")
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        trainer.limit_train_batches = _scaled_count(limit, scale)
-    else:
-        trainer.limit_train_batches = (1.0 if limit is None else float(limit)) * scale
+    limit = 1.0 if limit is None else limit
+    if limit > 1:  # a number of batches, as Lightning reads it (also when given as 3.0)
+        trainer.limit_train_batches = _scaled_count(int(limit), scale)
+    else:  # a fraction of the epoch
+        trainer.limit_train_batches = float(limit) * scale
     interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         trainer.val_check_interval = _scaled_count(interval, scale)
@@ -225,7 +226,8 @@ def run_name(experiment: str, scale: float) -> str:
     return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
 
 
-# Settings that say where a run is written or read, not what it trains; and the seed, which the ledger keeps apart.
+# Settings that change where a run is written or read, or what it shows, but not what it trains (both CIFAR loaders
+# give the same batches, whatever the workers); and the seed and the scale, which the ledger keeps apart.
 NOT_OVERRIDES = (
     "config",
     "recipe",
@@ -235,10 +237,19 @@ NOT_OVERRIDES = (
     "schedule_scale",
     "test_after_fit",
     "data.init_args.root",
+    "data.init_args.loader",
+    "data.init_args.num_workers",
     "trainer.logger",
     "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
     "model.backbone.init_args.num_classes",
 )
+
+
+def is_override(key: str) -> bool:
+    """Whether a setting, by its dotted key, changes what a run trains (see `NOT_OVERRIDES`)."""
+    return not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_OVERRIDES)
 
 
 def _flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -258,8 +269,6 @@ def config_overrides(config: Namespace, base: Namespace) -> list[str]:
     mine, theirs = _flatten(config), _flatten(base)
     changed = []
     for key in sorted({*mine, *theirs}):
-        if any(key == skip or key.startswith(f"{skip}.") for skip in NOT_OVERRIDES):
-            continue
-        if mine.get(key) != theirs.get(key):
+        if is_override(key) and mine.get(key) != theirs.get(key):
             changed.append(f"{key}={json.dumps(mine.get(key), default=str)}")
     return changed

@@ -1,6 +1,8 @@
 """Reproduce the paper's figures and tables from finished runs: `python -m resnet_lab.paper <command> --help`.
 
-curves     Fig. 1 / Fig. 6: training and validation error against iterations
+curves     Fig. 1 / Fig. 6: training and validation error against iterations (runs, or the ledger's curve files)
+record     add finished, tested runs to the results ledger (results/<dataset>.csv, results/curves/)
+results    the README's Results table from the ledger
 responses  Fig. 7: std of every 3x3 layer's response, by layer and sorted
 table      Tables 2, 3, 6: our errors (mean +/- std over seeds) beside the paper's
 seeds      run a config for several seeds, fit then test
@@ -16,11 +18,34 @@ from resnet_lab.errors import ConfigError, UserError
 
 
 def _curves(args: argparse.Namespace) -> None:
-    from resnet_lab.paper.curves import plot_curves
+    from resnet_lab.paper.curves import plot_curves, read_curves
+
+    for path in plot_curves(read_curves(args.runs), args.out, args.title):
+        print(f"wrote {path}")
+
+
+def _record(args: argparse.Namespace) -> None:
+    from resnet_lab.paper.ledger import record
     from resnet_lab.paper.runs import find_runs
 
-    for path in plot_curves(find_runs(args.runs), args.out, args.title):
-        print(f"wrote {path}")
+    for line in record([run.path for run in find_runs(args.runs)], args.ledger):
+        print(line)
+
+
+def _results(args: argparse.Namespace) -> None:
+    from resnet_lab.paper.ledger import read_ledger, results_table, write_readme
+
+    rows = read_ledger(args.ledger)
+    if not rows:
+        raise ConfigError(
+            f"no results in {args.ledger}/: add finished runs with `python -m resnet_lab.paper record <run folder>`"
+        )
+    table = results_table(rows)
+    if args.readme:
+        write_readme(args.readme, table)
+        print(f"wrote the results table into {args.readme}")
+    else:
+        print(table, end="")
 
 
 def _responses(args: argparse.Namespace) -> None:
@@ -89,10 +114,22 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     curves = commands.add_parser("curves", help="Fig. 1 / 6 error curves")
-    curves.add_argument("runs", nargs="+", type=Path, help="run folders, or experiment folders holding them")
+    curves.add_argument(
+        "runs", nargs="+", type=Path, help="run folders, experiment folders holding them, or curve files (.json)"
+    )
     curves.add_argument("--out", type=Path, default=Path("logs/figures/fig6"), help="output path without suffix")
     curves.add_argument("--title", default="")
     curves.set_defaults(handler=_curves)
+
+    records = commands.add_parser("record", help="add finished, tested runs to the results ledger")
+    records.add_argument("runs", nargs="+", type=Path, help="run folders, or experiment folders holding them")
+    records.add_argument("--ledger", type=Path, default=Path("results"), help="the ledger folder (default: results)")
+    records.set_defaults(handler=_record)
+
+    results = commands.add_parser("results", help="the README's Results table from the ledger")
+    results.add_argument("--ledger", type=Path, default=Path("results"))
+    results.add_argument("--readme", type=Path, help="write the table into this README (between its markers)")
+    results.set_defaults(handler=_results)
 
     responses = commands.add_parser("responses", help="Fig. 7 layer responses")
     responses.add_argument(

@@ -1,35 +1,70 @@
-"""Fig. 1 / Fig. 6: training error (thin) and validation error (bold) against iterations, from the runs' logs."""
+"""Fig. 1 / Fig. 6: training error (thin) and validation error (bold) against iterations, from the runs' logs or
+from the ledger's curve files (`results/curves/`)."""
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 
-from resnet_lab.paper.runs import Run, save_figure, write_csv
+from resnet_lab.errors import DatasetNotFoundError
+from resnet_lab.launch import run_name
+from resnet_lab.paper.runs import Run, find_runs, save_figure, write_csv
 
 TRAIN, VAL = "train/err_top1", "val/err_top1"
 
 
-def plot_curves(runs: list[Run], out: Path, title: str = "") -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class Curve:
+    """One run's errors (%) against iterations."""
+
+    name: str
+    backbone: dict
+    train: list[tuple[int, float]]
+    val: list[tuple[int, float]]
+
+    @classmethod
+    def of_run(cls, run: Run) -> "Curve":
+        return cls(run.name, run.backbone, run.scalars(TRAIN), run.scalars(VAL))
+
+    @classmethod
+    def of_file(cls, path: Path) -> "Curve":
+        """A curve file of the ledger, as `python -m resnet_lab.paper record` writes it."""
+        try:
+            curve = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DatasetNotFoundError(f"{path} is not a readable curve file ({err})") from err
+        name = f"{run_name(curve['experiment'], float(curve['schedule_scale']))} seed {curve['seed']}"
+        return cls(name, curve["backbone"], [tuple(p) for p in curve["train"]], [tuple(p) for p in curve["val"]])
+
+
+def read_curves(paths: list[Path]) -> list[Curve]:
+    """Curve files (`.json`) as they are, and the runs at or below every other path."""
+    files = [Curve.of_file(p) for p in paths if p.suffix == ".json"]
+    folders = [p for p in paths if p.suffix != ".json"]
+    return files + [Curve.of_run(run) for run in (find_runs(folders) if folders else [])]
+
+
+def plot_curves(curves: list[Curve], out: Path, title: str = "") -> tuple[Path, Path]:
     """Write `out`.png and `out`.csv (run, curve, step, error) and log the figure to TensorBoard beside them.
 
     Plain and residual runs go to separate panels, as in the paper's Fig. 6.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     panels = {
-        "plain": [r for r in runs if not r.backbone.get("residual", True)],
-        "residual": [r for r in runs if r.backbone.get("residual", True)],
+        "plain": [c for c in curves if not c.backbone.get("residual", True)],
+        "residual": [c for c in curves if c.backbone.get("residual", True)],
     }
     panels = {k: v for k, v in panels.items() if v}
     fig = Figure(figsize=(5.5 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
     rows = []
     for ax, (kind, panel_runs) in zip(axes[0], panels.items(), strict=True):
-        for color, run in zip(rcParams["axes.prop_cycle"].by_key()["color"] * 4, panel_runs, strict=False):
-            label = f"{'plain' if kind == 'plain' else 'ResNet'}-{run.backbone.get('depth', '?')} ({run.name})"
-            for tag, width, style, suffix in ((TRAIN, 0.8, "--", "train"), (VAL, 2.2, "-", "val")):
-                points = run.scalars(tag)
-                rows += [(run.name, suffix, step, value) for step, value in points]
+        for color, curve in zip(rcParams["axes.prop_cycle"].by_key()["color"] * 4, panel_runs, strict=False):
+            label = f"{'plain' if kind == 'plain' else 'ResNet'}-{curve.backbone.get('depth', '?')} ({curve.name})"
+            for points, width, style, suffix in ((curve.train, 0.8, "--", "train"), (curve.val, 2.2, "-", "val")):
+                rows += [(curve.name, suffix, step, value) for step, value in points]
                 if points:
                     steps, values = zip(*points, strict=True)
                     ax.plot(

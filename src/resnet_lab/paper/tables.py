@@ -40,6 +40,29 @@ def paper_errors(backbone: dict) -> tuple[float, float | None] | None:
     return PAPER_ERRORS.get((backbone["class"], backbone.get("depth"), residual, shortcut if residual else "A"))
 
 
+PAPER_UNITS = ("BasicBlock", "Bottleneck")  # named only when a network has another unit
+
+
+def network_name(backbone: dict) -> str:
+    """`ResNet-20 (A)`, `plain-34`, `ResNet-164 (A, PreActBottleneck)`; a network without a depth by its class."""
+    if backbone.get("depth") is None:
+        return backbone["class"]
+    residual = backbone.get("residual", True)
+    details = [str(backbone.get("shortcut", "?"))] if residual else []
+    block = str(backbone.get("block") or "").rsplit(".", 1)[-1]
+    if block and block not in PAPER_UNITS:
+        details.append(block)
+    return f"{'ResNet' if residual else 'plain'}-{backbone['depth']}" + (f" ({', '.join(details)})" if details else "")
+
+
+def mean_std(values: list[float]) -> str:
+    """`7.51 ± 0.12` over several values, `7.51` for one, empty for none."""
+    if not values:
+        return ""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
 def count_parameters(run: Run) -> int | None:
     """Learnable parameters of the run's network, read from its last checkpoint (BN running statistics excluded)."""
     checkpoints = sorted((run.path / "checkpoints").glob("last*.ckpt"))
@@ -53,13 +76,6 @@ def count_parameters(run: Run) -> int | None:
 def _network(run: Run) -> str:
     """The run's network as its own saved config states it."""
     return json.dumps(run.backbone, sort_keys=True, default=str)
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return ""
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
 
 
 def results_table(runs: list[Run]) -> str:
@@ -96,17 +112,15 @@ def results_table(runs: list[Run]) -> str:
         top1 = [r.last("test/err_top1") for r in finished]
         top5 = [v for v in (r.last("test/err_top5") for r in finished) if v is not None]
         backbone = group[0].backbone
-        kind = "ResNet" if backbone.get("residual", True) else "plain"
-        shortcut = f" ({backbone.get('shortcut', '?')})" if backbone.get("residual", True) else ""
         params = count_parameters(group[0])
         paper = paper_errors(backbone)
         cells = [
             name,
-            f"{kind}-{backbone.get('depth', '?')}{shortcut}",
+            network_name(backbone),
             f"{params / 1e6:.2f}M" if params else "",
-            _mean_std(top1),
+            mean_std(top1),
             f"{min(top1):.2f}" if top1 else "",
-            _mean_std(top5),
+            mean_std(top5),
             f"{len(finished)}" + (f" (+{len(group) - len(finished)} untested)" if len(finished) < len(group) else ""),
             f"{paper[0]:.2f}" if paper else "",
             f"{paper[1]:.2f}" if paper and paper[1] is not None else "",
