@@ -20,7 +20,7 @@ from resnet_lab.errors import ConfigError
 from resnet_lab.launch import expand_recipes, run_name, scale_label, scale_schedule
 from resnet_lab.paper.__main__ import main as paper
 from resnet_lab.paper.curves import Curve
-from resnet_lab.paper.ledger import COLUMNS, read_ledger, readme_table, results_table
+from resnet_lab.paper.ledger import COLUMNS, README_BEGIN, README_END, read_ledger, readme_table, results_table
 from resnet_lab.paper.runs import Run
 from resnet_lab.records import read_run_file
 
@@ -183,6 +183,12 @@ def test_record_then_results(runs, tmp_path, capsys):
     assert cells[6:8] == ["2", f"{min(errors):.2f}"]
     assert cells[3] == "1/2 (3 it.)" and cells[10] == "8.75"  # the paper's ResNet-20 beside ours
     assert "| 0–19 |" in table
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# a fork\n\n{README_BEGIN}\nan old table\n{README_END}\n\nmore text\n")
+    paper(["results", "--ledger", str(ledger), "--readme", str(readme)])
+    assert readme_table(readme) == table
+    assert readme.read_text().startswith("# a fork\n\n") and readme.read_text().endswith(f"{README_END}\n\nmore text\n")
 
 
 def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_path):

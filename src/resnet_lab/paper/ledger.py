@@ -245,7 +245,7 @@ def results_table(rows: list[dict]) -> str:
         "best",
         "top-5 err. %",
         "val. err. %",
-        "paper top-1",
+        "paper top-1 (full schedule)",
         "date",
         "device",
     ]

@@ -12,9 +12,13 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.errors import DatasetNotFoundError
+
+# A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
+tb_logging.get_logger().setLevel("ERROR")
 
 
 @dataclass(frozen=True)
