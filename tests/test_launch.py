@@ -141,3 +141,13 @@ def test_the_run_is_named_by_its_config_not_by_its_file_name(cifar_root, tmp_pat
     assert run.parent.name == "resnet20_cifar"
     saved = (run / "config.yaml").read_text()
     assert "recipe: null" in saved and "lr: 0.1" in saved  # the saved config holds the recipe's values itself
+
+
+def test_the_experiment_config_is_the_one_that_names_the_experiment_even_after_a_preset():
+    from resnet_lab.launch import experiment_config
+
+    debug, experiment = str(CONFIGS / "presets" / "debug.yaml"), str(CONFIGS / "resnet20_cifar.yaml")
+    assert experiment_config(["fit", "--config", debug, "--config", experiment]) == experiment
+    assert experiment_config(["fit", f"--config={experiment}", "--config", debug]) == experiment
+    assert experiment_config(["fit", "--config", debug]) == debug  # none names one: the first
+    assert experiment_config(["fit", "--trainer.max_steps", "3"]) is None

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 from pathlib import Path
 
@@ -252,3 +253,16 @@ def test_a_scaled_run_resumed_without_its_scale_is_refused(runs, tmp_path):
     with pytest.raises(SystemExit, match=refusal):
         cli_main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(runs / "data"), *TINY_RUN,
                   "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(last)])  # fmt: skip
+
+
+def test_a_test_on_part_of_its_images_says_so(runs, tmp_path):
+    run = tmp_path / "resnet20_cifar-scale1of2" / "seed0"
+    shutil.copytree(run_folders(runs)[0], run)
+    cli_main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+              "--data.root", str(runs / "data"), "--trainer.limit_test_batches", "2",
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    newest = read_run_file(run)["tests"][-1]
+    assert newest["test_subset"] == "full; limit_test_batches 2"
+    paper(["record", str(run), "--ledger", str(tmp_path / "results")])
+    assert "| all (limit_test_batches 2) |" in results_table(read_ledger(tmp_path / "results"))

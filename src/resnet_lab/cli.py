@@ -26,7 +26,7 @@ from resnet_lab.launch import (
     check_writable,
     config_overrides,
     expand_recipes,
-    first_config,
+    experiment_config,
     link_num_classes,
     newest_last_checkpoint,
     run_name,
@@ -57,7 +57,7 @@ class ResNetLabCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         given = sys.argv[1:] if args is None else args
-        self.named_config = first_config(given) if isinstance(given, list) else None
+        self.named_config = experiment_config(given) if isinstance(given, list) else None
         if args is None:  # the command line: read in place, as LightningCLI expects it there
             sys.argv[1:] = expand_recipes(sys.argv[1:])
         elif isinstance(args, list):
@@ -181,10 +181,13 @@ class ResNetLabCLI(LightningCLI):
         """How this run differs from its experiment's config (the first --config, with its recipe) read alone."""
         if not self.named_config:
             return None
+        exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False  # raise, print nothing
         try:
             base = self.parser.parse_args([self.subcommand, *expand_recipes(["--config", self.named_config])])
-        except (SystemExit, Exception):  # noqa: BLE001 - the experiment alone may need what the command added
+        except Exception:  # noqa: BLE001 - the experiment alone may need what the command added
             return None
+        finally:
+            self.parser.exit_on_error = exit_on_error
         return config_overrides(config, base[self.subcommand])
 
     def _resume_last_run(self, config: Namespace, experiment: Path) -> None:

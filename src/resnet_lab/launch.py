@@ -24,14 +24,28 @@ def _recipe_of(config: Path) -> Path | None:
     return (config.parent / recipe) if recipe else None
 
 
-def first_config(args: list[str]) -> str | None:
-    """The first `--config` file among command-line arguments."""
+def _config_files(args: list[str]) -> list[str]:
+    files = []
     for i, arg in enumerate(args):
         if arg == "--config" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _sets_experiment(config: str) -> bool:
+    try:
+        return "experiment" in (yaml.safe_load(Path(config).read_text()) or {})
+    except (OSError, yaml.YAMLError, TypeError):
+        return False  # the parser reports an unreadable config itself
+
+
+def experiment_config(args: list[str]) -> str | None:
+    """The experiment's config among command-line arguments: the first `--config` that sets `experiment:` (presets
+    may come before it), else the first `--config`."""
+    files = _config_files(args)
+    return next((f for f in files if _sets_experiment(f)), files[0] if files else None)
 
 
 def expand_recipes(args: list[str]) -> list[str]:

@@ -180,13 +180,16 @@ class RunRecord(Callback):
         metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         data = trainer.datamodule
         test_range = getattr(data, "test_range", None)
+        subset = "full" if test_range is None else f"test_range {list(test_range)}"
+        if trainer.limit_test_batches != 1.0:  # a part of that subset only: say so, or it reads as all of it
+            subset += f"; limit_test_batches {trainer.limit_test_batches:g}"
         record = read_run_file(folder)
         record["tests"] = [
             *record.get("tests", []),
             {
                 "weights": weights,
                 "step": step,
-                "test_subset": "full" if test_range is None else f"test_range {list(test_range)}",
+                "test_subset": subset,
                 "date": _now(),
                 "commit": source_commit(),
                 "metrics": metrics,

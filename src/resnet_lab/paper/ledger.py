@@ -139,8 +139,11 @@ def ledger_rows(run: Run) -> list[dict]:
         "experiment": info.get("experiment") or run.experiment,
         "network": network_name(run.backbone),
         "backbone": json.dumps(run.backbone, sort_keys=True, default=str),
-        # Filtered again: a run recorded under an older list of what counts as an override.
-        "overrides": "; ".join(o for o in info.get("overrides") or [] if is_override(o.split("=", 1)[0])),
+        # None: the run named no experiment config to compare with. Filtered again for a run.json written under an
+        # older list of what counts as an override.
+        "overrides": "unknown"
+        if info.get("overrides") is None
+        else "; ".join(o for o in info["overrides"] if is_override(o.split("=", 1)[0])),
         "seed": run.config.get("seed_everything"),
         "iterations": info["iterations"],
         "planned_iterations": info.get("planned_iterations"),
@@ -216,10 +219,14 @@ def _schedule(rows: list[dict]) -> str:
 
 
 def _subset(subset: str) -> str:
-    if subset == "full":
-        return "all"
-    start, stop = json.loads(subset.removeprefix("test_range "))
-    return f"{start}–{stop - 1}"
+    """`all`, `0–1016`, or either with the limit a test ran under."""
+    images, _, limit = subset.partition("; ")
+    if images == "full":
+        images = "all"
+    else:
+        start, stop = json.loads(images.removeprefix("test_range "))
+        images = f"{start}–{stop - 1}"
+    return f"{images} ({limit})" if limit else images
 
 
 def _span(values: Iterable[str]) -> str:
