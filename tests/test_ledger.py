@@ -266,3 +266,11 @@ def test_a_test_on_part_of_its_images_says_so(runs, tmp_path):
     assert newest["test_subset"] == "full; limit_test_batches 2"
     paper(["record", str(run), "--ledger", str(tmp_path / "results")])
     assert "| all (limit_test_batches 2) |" in results_table(read_ledger(tmp_path / "results"))
+
+
+def test_a_scale_that_leaves_an_epoch_less_than_one_batch_is_one_line(runs, tmp_path):
+    refusal = r"^error: Lightning cannot run this configuration: .*limit_train_batches.* choose a larger scale\)$"
+    with pytest.raises(SystemExit, match=refusal):
+        cli_main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(runs / "data"), *TINY_RUN,
+                  "--trainer.limit_train_batches", "1.0", "--schedule_scale", "0.05",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip

@@ -246,6 +246,12 @@ def main(args: ArgsType = None) -> None:
         ResNetLabCLI(args=args)
     except Exception as err:
         mistake = user_error(err)
+        if mistake is None and isinstance(err, MisconfigurationException):
+            # Lightning's own word for a setting it cannot run with (e.g. a --schedule_scale that leaves an epoch
+            # less than one batch): one line, as for ours.
+            mistake = f"Lightning cannot run this configuration: {str(err).splitlines()[0]}"
+            if "limit_train_batches" in mistake:
+                mistake += " (with --schedule_scale, which shortens each epoch, choose a larger scale)"
         if mistake is None:
             raise
         sys.exit(f"error: {mistake}")
