@@ -192,7 +192,7 @@ def test_record_then_results(runs, tmp_path, capsys):
     assert readme.read_text().startswith("# a fork\n\n") and readme.read_text().endswith(f"{README_END}\n\nmore text\n")
 
 
-def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_path):
+def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_path, capsys):
     ledger = tmp_path / "results"
     first, second = run_folders(runs)[:2]
     paper(["record", str(first), "--ledger", str(ledger)])
@@ -200,6 +200,14 @@ def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_pa
     with pytest.raises(SystemExit, match=rf"^error: {first} is already recorded in .*cifar10\.csv \(run [0-9a-f]+\)$"):
         paper(["record", str(second), str(first), "--ledger", str(ledger)])
     assert (ledger / "cifar10.csv").read_text() == before  # not even the other run went in
+
+    # An experiment folder's runs: those already recorded are passed over, the others go in.
+    capsys.readouterr()
+    paper(["record", str(first.parent), "--ledger", str(ledger)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"skipped {first}: already recorded"
+    assert out[1].startswith(f"recorded {second} in ") and len(out) == 2
+    assert sorted(row["seed"] for row in read_ledger(ledger)) == ["0", "0", "1", "1"]  # 2 test subsets each
 
 
 def test_record_refuses_an_untested_run_and_a_folder_that_is_no_run(runs, tmp_path):

@@ -113,8 +113,10 @@ def newest_last_checkpoint(experiment: Path) -> Path:
     """
     candidates = list(experiment.glob("version_*/checkpoints/last.ckpt"))
     if not candidates:
+        scaled = sorted(p.name for p in experiment.parent.glob(f"{experiment.name}-scale*") if p.is_dir())
+        hint = f" (runs of it at another --schedule_scale are in {', '.join(scaled)}: give their scale)" * bool(scaled)
         raise ConfigError(
-            f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume from; start the run "
+            f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume from{hint}; start the run "
             "without --ckpt_path, or give a checkpoint's path"
         )
     last = max(candidates, key=os.path.getmtime)
@@ -195,7 +197,8 @@ def scale_schedule(config: Namespace, scale: float) -> None:
     by `scale` (`trainer.max_steps`, an iteration `val_check_interval`, the milestones of a schedule that steps
     every iteration); counts of epochs stay. So validations, epoch-wise and iteration-wise lr decays fall at the same
     fractions of training as in the full run: 1/16 of CIFAR's 64k iterations is 4k iterations with the lr divided
-    by 10 at 2k and 3k and a validation every 22 iterations (each 1/16-epoch). Warm-up rules stay as the paper
+    by 10 at 2k and 3k and a validation every 21 iterations (a 351-batch epoch's 1/16, which Lightning rounds
+    down: 191 validations against the full run's 183). Warm-up rules stay as the paper
     states them (a training-error threshold, a fixed number of warm-up iterations).
     """
     if not 0 < scale <= 1:

@@ -28,7 +28,11 @@ def _record(args: argparse.Namespace) -> None:
     from resnet_lab.paper.ledger import record
     from resnet_lab.paper.runs import find_runs
 
-    for line in record([run.path for run in find_runs(args.runs)], args.ledger):
+    # A run folder named on the command line must be new; the runs found in an experiment folder may be recorded
+    # already (a seed added since).
+    named = [run.path for run in find_runs(args.runs)]
+    found = {path for path in named if path not in args.runs}
+    for line in record(named, args.ledger, skip_recorded=found):
         print(line)
 
 
@@ -123,11 +127,13 @@ def parser() -> argparse.ArgumentParser:
 
     records = commands.add_parser("record", help="add finished, tested runs to the results ledger")
     records.add_argument("runs", nargs="+", type=Path, help="run folders, or experiment folders holding them")
-    records.add_argument("--ledger", type=Path, default=Path("results"), help="the ledger folder (default: results)")
+    records.add_argument(
+        "--ledger", type=Path, default=Path("results"), help="the ledger folder (default: results); see its README.md"
+    )
     records.set_defaults(handler=_record)
 
     results = commands.add_parser("results", help="the README's Results table from the ledger")
-    results.add_argument("--ledger", type=Path, default=Path("results"))
+    results.add_argument("--ledger", type=Path, default=Path("results"), help="the ledger folder (default: results)")
     results.add_argument("--readme", type=Path, help="write the table into this README (between its markers)")
     results.set_defaults(handler=_results)
 

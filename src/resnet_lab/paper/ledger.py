@@ -9,7 +9,7 @@ writes the run's curve beside it, `results/curves/<dataset>/<experiment>[-scale1
 import csv
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from resnet_lab.errors import ConfigError, UserError
@@ -115,9 +115,10 @@ def _check_finished(run: Run, info: dict) -> None:
         resume = f"--schedule_scale {scale} " if scale != 1 else ""
         progress = f"{done} of {planned}" if done is not None else f"stopped before the end of {planned}"
         command = f"python main.py fit --config configs/{info.get('experiment')}.yaml {resume}--ckpt_path last"
+        options = "; ".join(info.get("overrides") or []) or "none"
         raise RecordError(
-            f"{run.path} is unfinished ({progress} iterations): resume it with `{command}` (with the options it "
-            "was started with), then test it"
+            f"{run.path} is unfinished ({progress} iterations): resume it with `{command}` and the options it was "
+            f"started with (settings that differ from its experiment's config: {options}), then test it"
         )
 
 
@@ -173,21 +174,25 @@ def ledger_rows(run: Run) -> list[dict]:
     return rows
 
 
-def record(paths: Iterable[Path], ledger: Path = LEDGER) -> list[str]:
+def record(paths: Iterable[Path], ledger: Path = LEDGER, skip_recorded: Collection[Path] = ()) -> list[str]:
     """Append each finished run's rows to `<ledger>/<dataset>.csv` and write its curve file; a line per run.
 
-    Every run is checked before anything is written, so a refused run leaves the ledger as it was.
+    Every run is checked before anything is written, so a refused run leaves the ledger as it was. A run already
+    in the ledger is refused, or passed over if it is among `skip_recorded` (the runs found in an experiment folder,
+    some of which an earlier `record` took).
     """
     known = {(row["run_id"], row["test_subset"]) for row in read_ledger(ledger)}
-    plans = []
+    plans, done = [], []
     for path in paths:
         run = Run(Path(path))
         rows = [r for r in ledger_rows(run) if (r["run_id"], r["test_subset"]) not in known]
-        if not rows:
+        if not rows and Path(path) not in skip_recorded:
             raise RecordError(f"{run.path} is already recorded in {ledger / dataset_of(run)}.csv (run {run_id(run)})")
+        if not rows:
+            done.append(f"skipped {run.path}: already recorded")
+            continue
         known |= {(r["run_id"], r["test_subset"]) for r in rows}
         plans.append((run, rows))
-    done = []
     for run, rows in plans:
         dataset = dataset_of(run)
         curve = curve_of(run)
@@ -202,8 +207,8 @@ def record(paths: Iterable[Path], ledger: Path = LEDGER) -> list[str]:
             if new:
                 writer.writeheader()
             writer.writerows(row | {"curve": curve_path.as_posix()} for row in rows)
-        subsets = ", ".join(r["test_subset"] for r in rows)
-        done.append(f"recorded {run.path} in {table} (test: {subsets}; curve {ledger / curve_path})")
+        subsets = " and ".join(f"[{r['test_subset']}]" for r in rows)
+        done.append(f"recorded {run.path} in {table}: tests on {subsets}, curve {ledger / curve_path}")
     return done
 
 
