@@ -282,3 +282,14 @@ def test_a_scale_that_leaves_an_epoch_less_than_one_batch_is_one_line(runs, tmp_
         cli_main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(runs / "data"), *TINY_RUN,
                   "--trainer.limit_train_batches", "1.0", "--schedule_scale", "0.05",
                   "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+
+
+def test_the_paper_figure_stands_only_beside_runs_on_the_paper_data():
+    from resnet_lab.paper.tables import paper_errors
+
+    resnet20 = {"class": "CifarResNet", "depth": 20, "residual": True, "shortcut": "A", "num_classes": 10}
+    assert paper_errors(resnet20, "cifar10") == (8.75, None)
+    assert paper_errors(resnet20, "synthetic") is None
+    resnet50 = {"class": "ImageNetResNet", "depth": 50, "residual": True, "shortcut": "B"}
+    assert paper_errors({**resnet50, "num_classes": 1000}, "imagenet") == (22.85, 6.71)
+    assert paper_errors({**resnet50, "num_classes": 10}, "imagenet") is None  # an ImageNet subset (imagenette)

@@ -288,7 +288,8 @@ def fake_run(folder: Path, depth: int, test_error: float) -> Path:
 
     folder.mkdir(parents=True)
     backbone = {"class_path": "resnet_lab.models.CifarResNet", "init_args": {"depth": depth, "shortcut": "A"}}
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": backbone}}))
+    data = {"class_path": "resnet_lab.data.CIFAR10DataModule", "init_args": {}}
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"backbone": backbone}, "data": data}))
     with SummaryWriter(str(folder)) as writer:
         writer.add_scalar("test/err_top1", test_error, 100)
     return folder

@@ -56,12 +56,6 @@ class RecordError(UserError):
     """A run the ledger cannot take (unfinished, untested, already recorded)."""
 
 
-def dataset_of(run: Run) -> str:
-    """`cifar10` for resnet_lab.data.CIFAR10DataModule: the data module's class without `DataModule`."""
-    name = run.config["data"]["class_path"].rsplit(".", 1)[-1]
-    return name.removesuffix("DataModule").lower() or name.lower()
-
-
 def read_ledger(ledger: Path = LEDGER) -> list[dict]:
     """Every row of every `<dataset>.csv` in the ledger folder, with its dataset."""
     rows = []
@@ -187,14 +181,14 @@ def record(paths: Iterable[Path], ledger: Path = LEDGER, skip_recorded: Collecti
         run = Run(Path(path))
         rows = [r for r in ledger_rows(run) if (r["run_id"], r["test_subset"]) not in known]
         if not rows and Path(path) not in skip_recorded:
-            raise RecordError(f"{run.path} is already recorded in {ledger / dataset_of(run)}.csv (run {run_id(run)})")
+            raise RecordError(f"{run.path} is already recorded in {ledger / run.dataset}.csv (run {run_id(run)})")
         if not rows:
             done.append(f"skipped {run.path}: already recorded")
             continue
         known |= {(r["run_id"], r["test_subset"]) for r in rows}
         plans.append((run, rows))
     for run, rows in plans:
-        dataset = dataset_of(run)
+        dataset = run.dataset
         curve = curve_of(run)
         name = f"{run_name(curve['experiment'], float(curve['schedule_scale']))}-seed{curve['seed']}-{curve['run_id']}"
         curve_path = Path("curves") / dataset / f"{name}.json"
@@ -268,7 +262,7 @@ def results_table(rows: list[dict]) -> str:
         top1 = [float(r["test_err_top1"]) for r in group]
         top5 = [float(r["test_err_top5"]) for r in group if r["test_err_top5"]]
         val = [float(r["val_err"]) for r in group if r["val_err"]]
-        paper = paper_errors(json.loads(first["backbone"]))
+        paper = paper_errors(json.loads(first["backbone"]), first["dataset"])
         experiment = first["experiment"] + (f" ({first['overrides']})" if first["overrides"] else "")
         cells = [
             first["dataset"],

@@ -47,6 +47,12 @@ class Run:
         return parser.instantiate_classes(config).data
 
     @property
+    def dataset(self) -> str:
+        """`cifar10` for resnet_lab.data.CIFAR10DataModule: the data module's class without `DataModule`."""
+        name = self.config["data"]["class_path"].rsplit(".", 1)[-1]
+        return name.removesuffix("DataModule").lower() or name.lower()
+
+    @property
     def backbone(self) -> dict:
         backbone = self.config["model"]["backbone"]
         return {"class": backbone["class_path"].rsplit(".", 1)[-1], **backbone.get("init_args", {})}

@@ -33,7 +33,16 @@ PAPER_ERRORS: dict[tuple[str, int, bool, str], tuple[float, float | None]] = {
 }
 
 
-def paper_errors(backbone: dict) -> tuple[float, float | None] | None:
+# The data the paper's figures are for (data set, classes): none is beside a run on other data (synthetic images,
+# an ImageNet subset such as imagenette).
+PAPER_DATA = {"CifarResNet": ("cifar10", 10), "ImageNetResNet": ("imagenet", 1000)}
+
+
+def paper_errors(backbone: dict, dataset: str) -> tuple[float, float | None] | None:
+    """The paper's (top-1, top-5) test error % for this network on this data set, if it gives one."""
+    data, classes = PAPER_DATA.get(backbone["class"], (None, None))
+    if data != dataset or backbone.get("num_classes", classes) != classes:
+        return None
     residual = backbone.get("residual", True)
     shortcut = backbone.get("shortcut", "A" if backbone["class"] == "CifarResNet" else "B")
     # Plain nets have no shortcuts: the option is irrelevant to them.
@@ -113,7 +122,7 @@ def results_table(runs: list[Run]) -> str:
         top5 = [v for v in (r.last("test/err_top5") for r in finished) if v is not None]
         backbone = group[0].backbone
         params = count_parameters(group[0])
-        paper = paper_errors(backbone)
+        paper = paper_errors(backbone, group[0].dataset)
         cells = [
             name,
             network_name(backbone),
