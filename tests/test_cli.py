@@ -148,6 +148,11 @@ def test_demo_config_fits(tmp_path):
 def test_bad_inputs_exit_with_one_clear_line(cifar_root, tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: no CIFAR10 found: looked for .*missing/cifar-10-batches-py"):
         main(["fit", *cifar_args(tmp_path / "missing", "--data.download", "false")])
+    with pytest.raises(SystemExit, match=r"^error: --trainer.max_steps 0 trains nothing: give a number of"):
+        main(["fit", *cifar_args(cifar_root, "--trainer.max_steps", "0")])
+    lr = r"^error: the optimizer cannot be built: Invalid learning rate: -0.1; check --model.optimizer.init_args$"
+    with pytest.raises(SystemExit, match=lr):
+        main(["fit", *cifar_args(cifar_root, "--model.optimizer.init_args.lr", "-0.1")])
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *cifar_args(cifar_root, "--model.backbone.init_args.shortcut", "D")])
     assert exit_info.value.code == 2

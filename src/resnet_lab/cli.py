@@ -161,6 +161,11 @@ class ResNetLabCLI(LightningCLI):
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
         self.run_record = None
+        if self.subcommand == "fit" and config.trainer.get("max_steps") == 0:
+            raise ConfigError(
+                "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
+                "for a budget in epochs"
+            )
         if self.subcommand == "fit":
             self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale)
             self.config_as_given = config.clone()  # what config.yaml keeps: the schedule before its scale

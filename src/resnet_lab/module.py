@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.checkpoints import check_state_dict_matches
+from resnet_lab.errors import ConfigError
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
 
@@ -206,7 +207,10 @@ class ImageClassifier(L.LightningModule):
             self.train_means.load_state_dict(checkpoint["train_means"])
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
-        optimizer = self.optimizer(self.parameters())
+        try:
+            optimizer = self.optimizer(self.parameters())
+        except ValueError as err:  # torch checks its arguments: "Invalid learning rate: -0.1"
+            raise ConfigError(f"the optimizer cannot be built: {err}; check --model.optimizer.init_args") from err
         if self.lr_scheduler is None:
             return optimizer
         scheduler = {
