@@ -56,6 +56,8 @@ class ResNetLabCLI(LightningCLI):
     names, and a progress bar redrawn a few times a second rather than after every iteration."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        self.run_record: RunRecord | None = None  # set for fit and test, once the config is parsed
+        self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
         given = sys.argv[1:] if args is None else args
         self.named_config = experiment_config(given) if isinstance(given, list) else None
         if args is None:  # the command line: read in place, as LightningCLI expects it there
@@ -160,7 +162,6 @@ class ResNetLabCLI(LightningCLI):
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
-        self.run_record = None
         if self.subcommand == "fit" and config.trainer.get("max_steps") == 0:
             raise ConfigError(
                 "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
@@ -168,8 +169,9 @@ class ResNetLabCLI(LightningCLI):
             )
         if self.subcommand == "fit":
             self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale)
-            self.config_as_given = config.clone()  # what config.yaml keeps: the schedule before its scale
-            scale_schedule(config, scale)
+            if scale != 1:
+                self.config_as_given = config.clone()  # config.yaml keeps the schedule before its scale
+                scale_schedule(config, scale)
         elif self.subcommand == "test":
             self.run_record = RunRecord(config.get("experiment"))
         if init_args is not None and init_args.get("save_dir"):
@@ -214,7 +216,7 @@ class ResNetLabCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         callbacks = config["trainer"].get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        extra = [self.run_record] if getattr(self, "run_record", None) is not None else []
+        extra = [self.run_record] if self.run_record is not None else []
         if config["trainer"].get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
@@ -230,7 +232,7 @@ class ResNetLabCLI(LightningCLI):
                 "(without a GPU: --trainer.accelerator cpu)"
             ) from err
         for callback in trainer.callbacks:
-            if isinstance(callback, SaveConfigCallback) and hasattr(self, "config_as_given"):
+            if isinstance(callback, SaveConfigCallback) and self.config_as_given is not None:
                 callback.config = self.config_as_given
         on_cpu = trainer.strategy.root_device.type == "cpu"
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:

@@ -16,11 +16,16 @@ from resnet_lab.checkpoints import read_checkpoint
 from resnet_lab.errors import ConfigError, DataError, UserError
 
 
-def _recipe_of(config: Path) -> Path | None:
+def config_key(config: str | Path, key: str) -> object:
+    """A top-level value of a config file, None if it has none or cannot be read (the parser reports that)."""
     try:
-        recipe = yaml.safe_load(config.read_text()).get("recipe")
+        return (yaml.safe_load(Path(config).read_text()) or {}).get(key)
     except (OSError, yaml.YAMLError, AttributeError):
-        return None  # the parser reports an unreadable config itself
+        return None
+
+
+def _recipe_of(config: Path) -> Path | None:
+    recipe = config_key(config, "recipe")
     return (config.parent / recipe) if recipe else None
 
 
@@ -34,18 +39,11 @@ def _config_files(args: list[str]) -> list[str]:
     return files
 
 
-def _sets_experiment(config: str) -> bool:
-    try:
-        return "experiment" in (yaml.safe_load(Path(config).read_text()) or {})
-    except (OSError, yaml.YAMLError, TypeError):
-        return False  # the parser reports an unreadable config itself
-
-
 def experiment_config(args: list[str]) -> str | None:
     """The experiment's config among command-line arguments: the first `--config` that sets `experiment:` (presets
     may come before it), else the first `--config`."""
     files = _config_files(args)
-    return next((f for f in files if _sets_experiment(f)), files[0] if files else None)
+    return next((f for f in files if config_key(f, "experiment")), files[0] if files else None)
 
 
 def expand_recipes(args: list[str]) -> list[str]:

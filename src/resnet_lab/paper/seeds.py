@@ -7,12 +7,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
 from resnet_lab.cli import LOG_DIR
 from resnet_lab.cli import main as cli_main
 from resnet_lab.errors import ConfigError
-from resnet_lab.launch import run_name
+from resnet_lab.launch import config_key, run_name
 
 
 def _option(extra: list[str], name: str, default: str) -> str:
@@ -21,10 +19,7 @@ def _option(extra: list[str], name: str, default: str) -> str:
 
 def experiment_folder(config: Path, extra: list[str]) -> Path:
     """Where the command line writes this config's runs: `<save_dir>/<experiment>[-scale1of16]/`."""
-    try:
-        experiment = (yaml.safe_load(config.read_text()) or {}).get("experiment") or config.stem
-    except (OSError, yaml.YAMLError, AttributeError):
-        experiment = config.stem  # main.py reports an unreadable config itself
+    experiment = config_key(config, "experiment") or config.stem
     name = _option(extra, "--trainer.logger.init_args.name", None) or run_name(
         experiment, float(_option(extra, "--schedule_scale", "1"))
     )
