@@ -117,6 +117,7 @@ class RunRecord(Callback):
 
     @staticmethod
     def _folder(trainer: Trainer) -> Path | None:
+        """The run's folder; a collective under data parallelism, so every process must ask."""
         return Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -166,6 +167,7 @@ class RunRecord(Callback):
         _write_run_file(folder, record)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = self._folder(trainer)  # on every process: `trainer.log_dir` is a broadcast
         if not trainer.is_global_zero:
             return
         if trainer.ckpt_path:  # the weights of a checkpoint: their test goes into the run that trained them
@@ -174,7 +176,7 @@ class RunRecord(Callback):
             step = read_checkpoint(checkpoint).get("global_step")
             weights = checkpoint.name
         else:  # --test_after_fit: the weights just trained
-            folder, step, weights = self._folder(trainer), trainer.global_step, "final"
+            folder, step, weights = log_dir, trainer.global_step, "final"
         if folder is None or not (folder / RUN_FILE).is_file():
             return  # weights from elsewhere (an imported checkpoint): no run to add the test to
         metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
