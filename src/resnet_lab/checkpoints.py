@@ -21,7 +21,11 @@ def read_checkpoint(path: str | Path) -> dict:
         # Memory-map the zip format (torch >= 1.6); older files, like the published CIFAR ones, load in full.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # truncated, foreign or not a torch file at all: say which and why
-        reason = str(err).splitlines()[0][:200]
+        reason = next(iter(str(err).splitlines()), "").split(". ")[0][:200]
+        if path.stat().st_size == 0:
+            reason = "an empty file"
+        elif "Weights only load failed" in reason:  # torch's advice to unpickle anything is not ours to give
+            reason = "not written by torch.save, or it holds objects other than tensors and plain values"
         raise DataError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from err
 
 

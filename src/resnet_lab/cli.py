@@ -1,5 +1,7 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,11 +22,13 @@ from resnet_lab.callbacks import (
     ValidateAtMaxSteps,
 )
 from resnet_lab.checkpoints import LIGHTNING_ALIASES
+from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
 from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
     config_overrides,
+    error_message,
     expand_recipes,
     experiment_config,
     link_num_classes,
@@ -34,6 +38,7 @@ from resnet_lab.launch import (
     user_error,
 )
 from resnet_lab.module import ImageClassifier
+from resnet_lab.parser import ResNetLabParser
 from resnet_lab.records import RunRecord
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
@@ -44,7 +49,20 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is dep
 # log every log_every_n_steps iterations, as this warning would have one believe they do not.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
+
+
+class _NoAdvertisements(logging.Filter):
+    """Lightning 2.6 suggests its cloud products on every command ("Tip: ... litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
+
 LOG_DIR = "logs"
+# Words of a Lightning refusal that is about this machine rather than a setting's value.
+MACHINE_WORDS = ("accelerator", "gpu", "cuda", "mps", "tpu", "backend", "install", "strategy", "device", "precision")
 UNNAMED_RUN = "default"
 
 
@@ -74,8 +92,16 @@ class ResNetLabCLI(LightningCLI):
                 "callbacks": [ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss(), CheckpointOnSignal()]
             },
             args=args,
+            parser_class=ResNetLabParser,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # An abbreviation is an easy typo to miss (`--trainer.max_step` would set max_steps); jsonargparse 5 drops
+        # them as well.
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("description", "Train and evaluate the paper's residual and plain networks")
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -151,6 +177,24 @@ class ResNetLabCLI(LightningCLI):
         if ckpt_path and str(ckpt_path) not in LIGHTNING_ALIASES:
             check_lightning_checkpoint(ckpt_path)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI rebuilds the model from a checkpoint's hyperparameters, over the config: refuse a checkpoint
+        of another network rather than evaluate one network under another's name."""
+        config = self.config.get(self.config.get("subcommand") or "")
+        given = _network(config)
+        super()._parse_ckpt_path()
+        held = _network(self.config.get(self.config.get("subcommand") or ""))
+        differences = [
+            f"{key} {held[key]} in the checkpoint, {given[key]} in the config"
+            for key in given
+            if key in held and held[key] != given[key]
+        ]
+        if differences:
+            raise ConfigError(
+                f"--ckpt_path {config.ckpt_path} holds another network than the config names ({'; '.join(differences)}):"
+                " give the config of the run that trained it (its run folder's config.yaml)"
+            )
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         link_num_classes(config)
@@ -162,6 +206,13 @@ class ResNetLabCLI(LightningCLI):
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
+        interval = config.trainer.get("val_check_interval")
+        if isinstance(interval, int) and not isinstance(interval, bool) and config.trainer.get(
+            "check_val_every_n_epoch"
+        ) == 1:
+            # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
+            # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
+            config.trainer.check_val_every_n_epoch = None
         if self.subcommand == "fit" and config.trainer.get("max_steps") == 0:
             raise ConfigError(
                 "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
@@ -226,6 +277,8 @@ class ResNetLabCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
+            if not any(word in str(err).lower() for word in MACHINE_WORDS):
+                raise ConfigError(f"the trainer refuses its settings: {err}") from err
             raise ConfigError(
                 f"the trainer cannot run as configured on this machine: {err} Check --trainer.accelerator, "
                 "--trainer.devices, --trainer.strategy and --trainer.precision "
@@ -235,6 +288,15 @@ class ResNetLabCLI(LightningCLI):
             if isinstance(callback, SaveConfigCallback) and self.config_as_given is not None:
                 callback.config = self.config_as_given
         on_cpu = trainer.strategy.root_device.type == "cpu"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if on_cpu and trainer.num_devices > cores:
+            raise ConfigError(
+                f"--trainer.devices {trainer.num_devices} starts {trainer.num_devices} training processes on the CPU, "
+                f"which has {cores} cores: each would crawl. Use --trainer.devices {cores} or fewer (a CPU device is "
+                "a process, not a core: one process already uses every core)"
+            )
+        if isinstance(self.datamodule, ClassificationDataModule):
+            self.datamodule.batch_share(trainer.world_size)  # refused here, not after the processes start
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
             # Otherwise every process stops with torch's traceback when DDP wraps the model.
             raise ConfigError(
@@ -248,11 +310,29 @@ class ResNetLabCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+def _network(config: Namespace | None) -> dict[str, str]:
+    """The backbone a config names, as comparable text: its class and arguments, classes by their own name (the
+    class count is left out: the data module sets it, and a checkpoint of another count fails to load, saying so)."""
+    backbone = config.get("model.backbone") if isinstance(config, Namespace) else None
+    if not isinstance(backbone, Namespace) or "class_path" not in backbone:
+        return {}
+
+    def text(value: object) -> str:
+        value = getattr(value, "__name__", value)
+        return str(value).rpartition(".")[2] if isinstance(value, str) and "." in value else str(value)
+
+    arguments = (backbone.get("init_args") or Namespace()).as_dict()
+    return {"network": text(backbone.class_path)} | {
+        key: text(value) for key, value in arguments.items() if key != "num_classes"
+    }
+
+
 def main(args: ArgsType = None) -> None:
     try:
         ResNetLabCLI(args=args)
     except Exception as err:
         mistake = user_error(err)
+        mistake = error_message(mistake) if mistake is not None else None
         if mistake is None and isinstance(err, MisconfigurationException):
             # Lightning's own word for a setting it cannot run with (e.g. a --schedule_scale that leaves an epoch
             # less than one batch): one line, as for ours.

@@ -24,7 +24,25 @@ def config_key(config: str | Path, key: str) -> object:
         return None
 
 
+def check_config_file(config: Path) -> None:
+    """A --config that is missing, or not a YAML mapping: one line naming the file (and the line of a syntax error)."""
+    if not config.is_file():
+        raise ConfigError(f"--config {config}: no such file (the experiment configs are in configs/)")
+    try:
+        content = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--config {config} is not valid YAML{where}: {problem}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {config} cannot be read ({err})") from err
+    if not isinstance(content, dict | None):
+        raise ConfigError(f"--config {config} must hold `key: value` settings, not a {type(content).__name__}")
+
+
 def _recipe_of(config: Path) -> Path | None:
+    check_config_file(config)
     recipe = config_key(config, "recipe")
     return (config.parent / recipe) if recipe else None
 
@@ -141,6 +159,17 @@ def link_num_classes(config: Namespace) -> None:
     init_args = config.model.backbone.get("init_args")
     if getattr(data, "num_classes", None) is not None and init_args is not None and "num_classes" in init_args:
         init_args.num_classes = data.num_classes
+
+
+def error_message(err: UserError) -> str:
+    """What the user is told of `err`: its own message, also when a DataLoader worker raised it (torch re-raises it
+    in the main process with the worker's whole traceback as its message)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        raised = [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+        text = raised[-1] if raised else text.splitlines()[-1]
+    return text
 
 
 def user_error(err: BaseException | None) -> UserError | None:

@@ -67,6 +67,11 @@ class ClassificationDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(
+                f"--data.num_workers must be 0 (load in the training process) or more, got {num_workers}; leave it "
+                "unset to follow the machine"
+            )
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.train_set: Dataset | None = None
@@ -76,7 +81,10 @@ class ClassificationDataModule(L.LightningDataModule):
     @property
     def process_batch_size(self) -> int:
         """This process's share of the global `batch_size`."""
-        processes = self.trainer.world_size if self.trainer is not None else 1
+        return self.batch_share(self.trainer.world_size if self.trainer is not None else 1)
+
+    def batch_share(self, processes: int) -> int:
+        """Each of `processes` processes' share of the global `batch_size`; refused unless it splits evenly."""
         if self.batch_size % processes:
             nearest = max(processes, round(self.batch_size / processes) * processes)
             raise ConfigError(

@@ -146,6 +146,13 @@ class CIFAR10DataModule(InMemoryDataModule):
         augmentations = [PadCropFlip(4)] if augmentations is None else augmentations
         super().__init__(batch_size, num_workers, augmentations, loader, seed)
         self.root = resolve_root(root)
+        if self.root.is_file():
+            raise ConfigError(f"--data.root {self.root} is a file: give the folder that holds {self.folder}/")
+        if (self.root / self.train_files[0]).is_file() or self.root.name == self.folder:
+            raise ConfigError(
+                f"--data.root {self.root} is the {self.folder} folder itself: give the folder that holds it, "
+                f"--data.root {self.root.parent}"
+            )
         self.val_size = val_size
         self.split_seed = split_seed
         self.normalization = normalization
@@ -164,7 +171,14 @@ class CIFAR10DataModule(InMemoryDataModule):
                 f"no {self.torchvision_class.__name__} found: looked for {self.data_dir.resolve()}. Point "
                 f"--data.root (or ${DATA_ENV}) at the folder that holds {self.folder}/, or set --data.download true"
             )
-        self.torchvision_class(str(self.root), train=True, download=True)
+        try:
+            self.torchvision_class(str(self.root), train=True, download=True)
+        except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), a full disk, a bad archive
+            reason = str(getattr(err, "reason", None) or err).splitlines()[0][:200]
+            raise DatasetNotFoundError(
+                f"no {self.folder}/ under {self.root.resolve()}, and downloading it failed ({reason}). Copy "
+                f"{self.folder}/ there, or point --data.root (or ${DATA_ENV}) at the folder that holds it"
+            ) from err
 
     def setup(self, stage: str | None = None) -> None:
         if not self.data_dir.is_dir():

@@ -1,0 +1,114 @@
+"""The command line's parser: what jsonargparse reports as a nested, multi-line explanation after the whole usage
+becomes one line that names the option, the value and what it accepts (`--help` still prints the usage)."""
+
+import difflib
+import inspect
+import re
+import sys
+from importlib import import_module
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+HELP_HINT = "`python main.py fit --help` lists every option"
+
+_KEY = re.compile(r'Parser key "([^"]+)"')
+_CLASS = re.compile(r"Problem with given class_path '([^']+)'")
+_NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
+_EXPECTED = re.compile(r"Expected a (.+?)(?:\. Got value: .*)?$", re.MULTILINE)
+_GIVEN = re.compile(r"(?:Given value|Got value): (?:NestedArg\(key='[^']*', val=)?(.+?)\)?(?:\. Got value: .*)?$", re.MULTILINE)
+_LITERAL = re.compile(r"typing\.Literal\[(.+)\]")
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text"}
+
+
+def _option(message: str) -> str:
+    """The dotted option the message is about: its nested parser keys, joined through the `init_args` of the
+    class each outer key holds."""
+    return ".init_args.".join(k for k in _KEY.findall(message) if k != "config")
+
+
+def _accepted(expected: list[str]) -> str:
+    """"one of 'A', 'B' or a whole number" from the types jsonargparse tried."""
+    values, kinds = [], []
+    for text in expected:
+        if literal := _LITERAL.search(text):
+            values += [v.strip() for v in literal.group(1).split(",")]
+        elif (simple := re.fullmatch(r"<class '(\w+)'>", text)) and simple.group(1) in _TYPE_NAMES:
+            kinds.append(_TYPE_NAMES[simple.group(1)])
+    parts = [f"one of {', '.join(dict.fromkeys(values))}"] * bool(values) + list(dict.fromkeys(kinds))
+    return " or ".join(parts)
+
+
+def _arguments_of(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return [p for p in inspect.signature(getattr(import_module(module), name)).parameters if p != "self"]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def one_line(message: str, options: list[str] = ()) -> str:
+    """jsonargparse's error `message` as one line: the option, what was wrong, what it accepts; `options` are the
+    parser's own option strings, for a "did you mean"."""
+    option = _option(message)
+    if unknown := _NOT_ACCEPTED.search(message):
+        name = unknown.group(1)
+        classes = _CLASS.findall(message)
+        arguments = _arguments_of(classes[-1]) if classes else []
+        near = difflib.get_close_matches(name, arguments, n=1)
+        where = classes[-1] if classes else option
+        hint = (f"did you mean {near[0]}? " if near else "") + (f"it takes: {', '.join(arguments)}" if arguments else "")
+        option = f"{option}.init_args" if classes else option
+        return f"{option}.{name}: {where} has no argument {name!r}" + (f" ({hint})" if hint else "")
+    if message.startswith("unrecognized arguments:"):
+        given = message.split(":", 1)[1].split()
+        unknown_options = [g.split("=", 1)[0] for g in given if g.startswith("--")] or given[:1]
+        section, _, name = unknown_options[0].rpartition(".")
+        siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == section]
+        near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+        hint = f"did you mean {section}.{near[0]}?" if near else HELP_HINT
+        return f"unknown option {' '.join(unknown_options)} ({hint}; options are never abbreviated)"
+    if message.startswith("the following arguments are required:"):
+        missing = [m.strip().split(".", 1)[-1] for m in message.split(":", 1)[1].split(",")]
+        return (
+            f"no experiment given (missing {', '.join('--' + m for m in missing)}): name one with --config, e.g. "
+            "`python main.py fit --config configs/resnet20_cifar.yaml` (configs/ holds them all)"
+        )
+    if "File does not exist" in message and option in ("", "config"):
+        path = message.rsplit(":", 1)[1].strip().strip("'")
+        return f"--config {path}: no such file (the experiment configs are in configs/)"
+    if message.startswith("Problems parsing config"):
+        detail = " ".join(line.strip() for line in message.splitlines()[1:] if line.strip())
+        return f"a --config file is not valid YAML or JSON: {detail}"
+    if option:
+        given = _GIVEN.findall(message)
+        accepted = _accepted(_EXPECTED.findall(message))
+        if given or accepted:
+            value = given[0].strip() if given else "this value"
+            return f"--{option} {value}: expected {accepted or 'another value'}"
+        if classes := _CLASS.findall(message):
+            detail = message.splitlines()[-1].strip()
+            return f"--{option}: cannot use {classes[-1]} ({detail}); give the class's import path or short name"
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    return "; ".join(lines)[:400]
+
+
+class ResNetLabParser(LightningArgumentParser):
+    """LightningArgumentParser whose parse errors are one line (see `one_line`), without the usage before them."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # an inner parser, or a caller that handles the error itself
+            super().error(message, ex)
+        try:
+            line = one_line(message, self._option_strings())
+        except Exception:  # noqa: BLE001 - a message of a shape not foreseen: its own lines, joined
+            line = "; ".join(part.strip() for part in message.splitlines() if part.strip())[:400]
+        sys.exit(f"error: {line}")
+
+    def _option_strings(self) -> list[str]:
+        options = [o for a in self._actions for o in a.option_strings]
+        action = getattr(self, "_subcommands_action", None)
+        for parser in (action.choices.values() if action is not None else ()):
+            options += [o for a in parser._actions for o in a.option_strings]
+        return options
+
