@@ -109,11 +109,20 @@ class SpeedMonitor(Callback):
     def __init__(self) -> None:
         self.images = 0
         self.window_start = 0.0
-        self.epoch_start = 0.0
+        self.epoch_start: float | None = None  # None: this epoch began before a resume, so its time is unknown
+        self.started = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.started = False
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch_start = self.window_start = time.perf_counter()
-        self.images = 0
+        self.images, self.started = 0, True
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Lightning calls no on_train_epoch_start when a run resumes in the middle of an epoch.
+        if not self.started:
+            self.window_start, self.images, self.epoch_start, self.started = time.perf_counter(), 0, None, True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -133,8 +142,9 @@ class SpeedMonitor(Callback):
         self.window_start, self.images = time.perf_counter(), 0
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        elapsed = time.perf_counter() - self.epoch_start
-        pl_module.log("perf/epoch_time_s", elapsed, on_step=False, on_epoch=True, sync_dist=True)
+        if self.epoch_start is not None:  # an epoch resumed half-way is not timed
+            elapsed = time.perf_counter() - self.epoch_start
+            pl_module.log("perf/epoch_time_s", elapsed, on_step=False, on_epoch=True, sync_dist=True)
 
 
 class NonFiniteLossError(UserError):
@@ -292,10 +302,33 @@ class ThrottledProgressBar(TQDMProgressBar):
         self.interval_s = interval_s
         self._drawn_at = -float("inf")
         self._batches_done = 0
+        self._epoch_shown = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._epoch_shown = False
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._batches_done = 0
+        self._batches_done, self._epoch_shown = 0, True
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # A run resumed in the middle of an epoch gets no on_train_epoch_start: show the epoch, its length and
+        # where it resumed, with a rate that counts only the iterations run since.
+        if not self._epoch_shown:
+            self.on_train_epoch_start(trainer, pl_module)
+            bar = self.train_progress_bar
+            bar.n = bar.initial = self._batches_done = batch_idx
+            bar.refresh()
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        # The run's whole version (`seed1`, `version_3`) rather than Lightning's last four characters of it.
+        items = super().get_metrics(trainer, pl_module)
+        version = items.pop("v_num", None)
+        if version is not None and trainer.logger is not None:
+            version = trainer.logger.version
+            items["run"] = version if isinstance(version, str | int) else str(version)
+        return items
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

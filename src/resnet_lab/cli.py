@@ -50,7 +50,6 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is dep
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
 
 
-
 class _NoAdvertisements(logging.Filter):
     """Lightning 2.6 suggests its cloud products on every command ("Tip: ... litlogger")."""
 
@@ -191,8 +190,8 @@ class ResNetLabCLI(LightningCLI):
         ]
         if differences:
             raise ConfigError(
-                f"--ckpt_path {config.ckpt_path} holds another network than the config names ({'; '.join(differences)}):"
-                " give the config of the run that trained it (its run folder's config.yaml)"
+                f"--ckpt_path {config.ckpt_path} holds another network than the config names "
+                f"({'; '.join(differences)}): give the config of the run that trained it (its run folder's config.yaml)"
             )
 
     def before_instantiate_classes(self) -> None:
@@ -207,9 +206,11 @@ class ResNetLabCLI(LightningCLI):
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
         interval = config.trainer.get("val_check_interval")
-        if isinstance(interval, int) and not isinstance(interval, bool) and config.trainer.get(
-            "check_val_every_n_epoch"
-        ) == 1:
+        if (
+            isinstance(interval, int)
+            and not isinstance(interval, bool)
+            and config.trainer.get("check_val_every_n_epoch") == 1
+        ):
             # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
             # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
             config.trainer.check_val_every_n_epoch = None

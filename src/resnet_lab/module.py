@@ -15,6 +15,11 @@ from resnet_lab.checkpoints import check_state_dict_matches
 from resnet_lab.errors import ConfigError
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
+# The training window's means the progress bar shows (read only when the bar redraws, a few times a second).
+# Throughout, accuracies are fractions (`acc_*`, as torchmetrics gives them) and errors percentages (`err_*`, as the
+# paper's tables and figures state them).
+PROGRESS_BAR_METRICS = ("train/loss", "train/err_top1")
+
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
     # validate_args=False: the checks call torch.unique on the labels, a host-device sync on every update.
@@ -132,7 +137,10 @@ class ImageClassifier(L.LightningModule):
         # already taken. Only the micro-batch that completes an optimizer step logs: the window then holds every
         # micro-batch of its steps.
         if self._completes_optimizer_step(batch_idx) and self._loggers_write_after_this_step():
-            self.log_dict(self.train_means.named(self.train_means.take(0), "train/"), on_step=True, on_epoch=False)
+            window = self.train_means.named(self.train_means.take(0), "train/")
+            shown = {k: window.pop(k) for k in PROGRESS_BAR_METRICS if k in window}
+            self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True)
+            self.log_dict(window, on_step=True, on_epoch=False)
         # Callbacks read the iteration's own values from these outputs (e.g. the warm-up switch, the NaN stop).
         return {**self.train_means.named(means), "loss": loss}
 
@@ -163,9 +171,9 @@ class ImageClassifier(L.LightningModule):
         # compute() reduces over all processes, so the logged value is already global and the sync a no-op.
         accuracies = metrics.compute()
         metrics.reset()
-        self.log(f"{stage}/acc_top1", accuracies["top1"], prog_bar=True, sync_dist=True)
-        logged = {f"{stage}/acc_{k}": v for k, v in accuracies.items() if k != "top1"}
-        logged |= {f"{stage}/err_{k}": 100.0 * (1.0 - v) for k, v in accuracies.items()}
+        self.log(f"{stage}/err_top1", 100.0 * (1.0 - accuracies["top1"]), prog_bar=True, sync_dist=True)
+        logged = {f"{stage}/acc_{k}": v for k, v in accuracies.items()}
+        logged |= {f"{stage}/err_{k}": 100.0 * (1.0 - v) for k, v in accuracies.items() if k != "top1"}
         self.log_dict(logged, sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -16,7 +16,9 @@ _KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS = re.compile(r"Problem with given class_path '([^']+)'")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"Expected a (.+?)(?:\. Got value: .*)?$", re.MULTILINE)
-_GIVEN = re.compile(r"(?:Given value|Got value): (?:NestedArg\(key='[^']*', val=)?(.+?)\)?(?:\. Got value: .*)?$", re.MULTILINE)
+_GIVEN = re.compile(
+    r"(?:Given value|Got value): (?:NestedArg\(key='[^']*', val=)?(.+?)\)?(?:\. Got value: .*)?$", re.MULTILINE
+)
 _LITERAL = re.compile(r"typing\.Literal\[(.+)\]")
 _TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text"}
 
@@ -28,7 +30,7 @@ def _option(message: str) -> str:
 
 
 def _accepted(expected: list[str]) -> str:
-    """"one of 'A', 'B' or a whole number" from the types jsonargparse tried."""
+    """ "one of 'A', 'B' or a whole number" from the types jsonargparse tried."""
     values, kinds = [], []
     for text in expected:
         if literal := _LITERAL.search(text):
@@ -57,7 +59,8 @@ def one_line(message: str, options: list[str] = ()) -> str:
         arguments = _arguments_of(classes[-1]) if classes else []
         near = difflib.get_close_matches(name, arguments, n=1)
         where = classes[-1] if classes else option
-        hint = (f"did you mean {near[0]}? " if near else "") + (f"it takes: {', '.join(arguments)}" if arguments else "")
+        hint = f"did you mean {near[0]}? " if near else ""
+        hint += f"it takes: {', '.join(arguments)}" if arguments else ""
         option = f"{option}.init_args" if classes else option
         return f"{option}.{name}: {where} has no argument {name!r}" + (f" ({hint})" if hint else "")
     if message.startswith("unrecognized arguments:"):
@@ -108,7 +111,6 @@ class ResNetLabParser(LightningArgumentParser):
     def _option_strings(self) -> list[str]:
         options = [o for a in self._actions for o in a.option_strings]
         action = getattr(self, "_subcommands_action", None)
-        for parser in (action.choices.values() if action is not None else ()):
+        for parser in action.choices.values() if action is not None else ():
             options += [o for a in parser._actions for o in a.option_strings]
         return options
-
