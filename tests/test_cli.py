@@ -127,8 +127,32 @@ def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_r
                 "1",
             ]
         )
-    # The saved config names its run, so later runs land beside the training run.
-    assert (tmp_path / "logs" / "resnet20_cifar" / "version_3").is_dir()
+    # An evaluation of the run's checkpoint logs into the run: no folder of its own, the run's config.yaml kept.
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert yaml.safe_load((run / "config.yaml").read_text()) == saved
+    assert (run / "config-test.yaml").is_file() and (run / "config-validate.yaml").is_file()
+    events = EventAccumulator(str(run)).Reload()
+    assert events.Scalars("test/err_top1") and [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
+    # TensorBoard's HPARAMS tab: the run's settings with its final errors, under hparams/ (logged at step 0).
+    assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= set(events.PluginTagToContent("hparams"))
+    assert {"hparams/val_err_top1", "hparams/test_err_top1"} <= set(events.Tags()["scalars"])
+
+
+def test_an_iteration_validation_interval_counts_across_epochs(cifar_root, tmp_path):
+    # Every 5 iterations over 3-iteration epochs, as `val_check_interval: 2000` is over CIFAR's 351-iteration ones.
+    steps = ["--trainer.max_steps", "11", "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "5"]
+    main(["fit", *cifar_args(cifar_root, *steps, "--trainer.limit_val_batches", "1")])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "resnet20_cifar" / "version_0")).Reload()
+    assert [e.step for e in events.Scalars("val/err_top1")] == [4, 9, 10]  # after iterations 5, 10 and the last
+
+
+def test_a_batch_limit_of_1_is_one_batch(cifar_root):
+    # Lightning types the limits `float | int`, so the parser alone would read 1 as 1.0: all of the batches.
+    for given, expected in (("1", 1), ("1.0", 1.0), ("2", 2)):
+        cli = ResNetLabCLI(args=cifar_args(cifar_root, "--trainer.limit_val_batches", given), run=False)
+        assert cli.trainer.limit_val_batches == expected and type(cli.trainer.limit_val_batches) is type(expected)
 
 
 def test_a_run_ending_mid_epoch_validates_its_final_model(cifar_root, tmp_path):

@@ -14,8 +14,9 @@ from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
     expand_recipes,
+    limits_given_as_one_batch,
     link_num_classes,
-    newest_last_checkpoint,
+    run_to_resume,
     user_error,
 )
 
@@ -27,15 +28,39 @@ def lightning_file(path: Path, mtime: float) -> Path:
     return path
 
 
-def test_resume_finds_the_newest_last_checkpoint_of_the_experiment(tmp_path):
-    with pytest.raises(ConfigError, match=r"--ckpt_path last: no .*version_\*/checkpoints/last.ckpt to resume from"):
-        newest_last_checkpoint(tmp_path / "resnet20_cifar")
-    old = lightning_file(tmp_path / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt", 1_000)
-    new = lightning_file(tmp_path / "resnet20_cifar" / "version_1" / "checkpoints" / "last.ckpt", 2_000)
-    lightning_file(tmp_path / "plain20_cifar" / "version_2" / "checkpoints" / "last.ckpt", 3_000)  # another one
-    assert newest_last_checkpoint(tmp_path / "resnet20_cifar") == new
-    os.utime(old, (4_000, 4_000))
-    assert newest_last_checkpoint(tmp_path / "resnet20_cifar") == old
+def test_resume_continues_the_run_the_command_names(tmp_path):
+    experiment = tmp_path / "resnet20_cifar"
+    settings = {"version_0": [], "version_1": [], "seed1": ["seed_everything 1 (this command: 0)"],
+                "debug": ["trainer.max_steps 3 (this command: 64000)"]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--ckpt_path last: no .*resnet20_cifar/\*/checkpoints/last.ckpt to resume"):
+        run_to_resume(experiment, None, lambda run: settings[run.name])
+    old = lightning_file(experiment / "version_0" / "checkpoints" / "last.ckpt", 1_000)
+    new = lightning_file(experiment / "version_1" / "checkpoints" / "last.ckpt", 2_000)
+    seed1 = lightning_file(experiment / "seed1" / "checkpoints" / "last.ckpt", 3_000)
+    lightning_file(experiment / "debug" / "checkpoints" / "last.ckpt", 4_000)  # the newest, but another schedule
+    lightning_file(tmp_path / "plain20_cifar" / "version_2" / "checkpoints" / "last.ckpt", 5_000)  # another one
+    assert run_to_resume(experiment, None, lambda run: settings[run.name]) == (
+        new,
+        "the newest (by its last.ckpt) of 2 runs of resnet20_cifar with this command's settings",
+    )
+    os.utime(old, (6_000, 6_000))
+    assert run_to_resume(experiment, None, lambda run: settings[run.name])[0] == old
+    assert run_to_resume(experiment, "seed1", lambda run: settings[run.name]) == (
+        seed1,
+        "the run --trainer.logger.init_args.version seed1 names",
+    )
+    with pytest.raises(ConfigError, match=r"version seed2 names has no .*seed2/checkpoints/last.ckpt"):
+        run_to_resume(experiment, "seed2", lambda run: settings[run.name])
+    with pytest.raises(ConfigError, match=r"no run of .* has this command's settings \(debug has trainer.max_steps 3"):
+        run_to_resume(experiment, None, lambda run: ["trainer.max_steps 3 (this command: 64000)"])
+
+
+def test_limits_written_as_1_are_one_batch(tmp_path):
+    config = tmp_path / "quick.yaml"
+    config.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 1.0\n")
+    assert limits_given_as_one_batch(["--config", str(config)]) == {"limit_val_batches"}
+    given = ["--config", str(config), "--trainer.limit_val_batches", "1.0", "--trainer.limit_train_batches=1"]
+    assert limits_given_as_one_batch(given) == {"limit_train_batches"}
 
 
 def test_checks_before_any_work(tmp_path):
@@ -97,7 +122,9 @@ def test_a_torchvision_factory_trains_as_the_backbone(cifar_root, tmp_path, monk
     assert state["backbone.fc.weight"].shape == (10, 512)  # torchvision's ResNet, given CIFAR-10's class count
 
 
-def test_a_config_is_read_after_the_recipe_it_names(tmp_path):
+def test_a_config_is_read_after_the_recipe_it_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "preset.yaml").write_text("trainer:\n  max_steps: 3\n")
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "base.yaml").write_text("seed_everything: 1\n")
     (tmp_path / "recipes" / "family.yaml").write_text("recipe: base.yaml\n")

@@ -154,7 +154,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
     expected = scalars(next(reference.glob("events.out.tfevents.*")))
     assert len(before_kill) > 10 and all(value == expected[key] for key, value in before_kill.items())
 
-    finished(run(workspace, "killed", *periodic, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    finished(run(workspace, "killed", *pace, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     assert_resumed_like(reference, run_dir(workspace, "killed"))
     assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
 
@@ -162,7 +162,8 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(workspace, reference, signum):
     folder = signal.Signals(signum).name
-    stopped = run(workspace, folder, "--trainer.callbacks+=pace.Pace", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pace = ["--trainer.callbacks+=pace.Pace"]
+    stopped = run(workspace, folder, *pace, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_iteration(stopped, 16)
     stopped.send_signal(signum)
     start = time.monotonic()
@@ -185,8 +186,21 @@ def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(work
         ledger_rows(Run(run_dir(workspace, folder)))
 
     if signum == signal.SIGTERM:  # SIGUSR1 leaves the same checkpoint through the same code
-        finished(run(workspace, folder, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        # A quick debug run of the experiment since, with a newer last.ckpt, is not what the command names.
+        finished(run(workspace, folder, "--trainer.max_steps", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        resumed = run(workspace, folder, *pace, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err[-3000:]
+        assert (
+            f"resuming from {last.relative_to(workspace / folder)}: the only run of resnet20_cifar with this "
+            "command's settings"
+        ) in err
         assert_resumed_like(reference, run_dir(workspace, folder))
+        # The clocks restart with the resumed process (Lightning starts no epoch when it resumes inside one).
+        speed = EventAccumulator(str(run_dir(workspace, folder))).Reload()
+        rates = [e.value for e in speed.Scalars("perf/images_per_s") if e.step >= step]
+        assert rates and min(rates) > 5  # 16 images every 0.25 s or faster
+        assert max(e.value for e in speed.Scalars("perf/epoch_time_s")) < 60
         resumed_record = read_run_file(run_dir(workspace, folder))
         assert resumed_record["run_id"] == stopped_record["run_id"]
         assert resumed_record["iterations"] == MAX_STEPS and resumed_record["finished"]
@@ -198,6 +212,6 @@ def test_resuming_with_nothing_to_resume_says_so(workspace):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert err.strip().splitlines()[-1] == (
-        "error: --ckpt_path last: no logs/resnet20_cifar/version_*/checkpoints/last.ckpt to resume from; start the "
+        "error: --ckpt_path last: no logs/resnet20_cifar/*/checkpoints/last.ckpt to resume from; start the "
         "run without --ckpt_path, or give a checkpoint's path"
     )

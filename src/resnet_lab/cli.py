@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -27,13 +28,15 @@ from resnet_lab.errors import ConfigError
 from resnet_lab.launch import (
     check_lightning_checkpoint,
     check_writable,
+    config_differences,
     config_overrides,
     error_message,
     expand_recipes,
     experiment_config,
+    limits_given_as_one_batch,
     link_num_classes,
-    newest_last_checkpoint,
     run_name,
+    run_to_resume,
     scale_schedule,
     user_error,
 )
@@ -73,7 +76,7 @@ class ResNetLabCLI(LightningCLI):
     names, and a progress bar redrawn a few times a second rather than after every iteration."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
-        self.run_record: RunRecord | None = None  # set for fit and test, once the config is parsed
+        self.run_record: RunRecord | None = None  # set once the config is parsed
         self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
         given = sys.argv[1:] if args is None else args
         self.named_config = experiment_config(given) if isinstance(given, list) else None
@@ -81,6 +84,8 @@ class ResNetLabCLI(LightningCLI):
             sys.argv[1:] = expand_recipes(sys.argv[1:])
         elif isinstance(args, list):
             args = expand_recipes(args)
+        expanded = sys.argv[1:] if args is None else args
+        self.one_batch_limits = limits_given_as_one_batch(expanded) if isinstance(expanded, list) else set()
         super().__init__(
             ImageClassifier,
             LightningDataModule,
@@ -205,6 +210,9 @@ class ResNetLabCLI(LightningCLI):
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
+        for key in self.one_batch_limits:
+            if config.trainer.get(key) == 1:
+                config.trainer[key] = 1  # config.yaml keeps the 1 as written
         interval = config.trainer.get("val_check_interval")
         if (
             isinstance(interval, int)
@@ -224,35 +232,73 @@ class ResNetLabCLI(LightningCLI):
             if scale != 1:
                 self.config_as_given = config.clone()  # config.yaml keeps the schedule before its scale
                 scale_schedule(config, scale)
-        elif self.subcommand == "test":
+        else:  # a test adds its result to the run; the others only need it present when a checkpoint holds one
             self.run_record = RunRecord(config.get("experiment"))
+            # The checkpoint's folder written as given (relative or absolute, or the run folder since copied): its
+            # ModelCheckpoint state is not needed to evaluate.
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
-            # A test of a run read from its own config.yaml (a `seeds` run names its version) gets a folder of its
-            # own, as any other test does, rather than the run's, whose config.yaml it must not replace.
-            run = Path(init_args.save_dir) / str(init_args.get("name")) / str(init_args.get("version"))
-            if self.subcommand != "fit" and init_args.get("version") is not None and (run / "config.yaml").is_file():
-                init_args.version = None
+            if self.subcommand != "fit":
+                self._log_beside_the_run(config, init_args)
             if config.get("ckpt_path") == "last":
                 self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
 
-    def _overrides(self, config: Namespace) -> list[str] | None:
-        """How this run differs from its experiment's config (the first --config, with its recipe) read alone."""
-        if not self.named_config:
-            return None
+    def _log_beside_the_run(self, config: Namespace, logger: Namespace) -> None:
+        """An evaluation of a run's checkpoint (`<run>/checkpoints/*.ckpt`) logs into that run, beside its training
+        curves, where `table` finds its test error; its config goes to config-<subcommand>.yaml, so the run's
+        config.yaml stays the one it trained with. Other evaluations get a folder of their own."""
+        ckpt = Path(str(config.get("ckpt_path") or ""))
+        run = ckpt.parent.parent
+        if ckpt.parent.name != "checkpoints" or not ckpt.is_file() or not (run / "config.yaml").is_file():
+            if (
+                logger.get("version") is not None
+                and (Path(logger.save_dir) / str(logger.get("name")) / str(logger.version) / "config.yaml").is_file()
+            ):
+                logger.version = None  # a run's own config.yaml, read for another checkpoint: not into that run
+            return
+        logger.save_dir, logger.name, logger.version = str(run.parent.parent), run.parent.name, run.name
+        logger.log_graph = False  # the run holds its graph already
+        self.save_config_kwargs = {
+            **self.save_config_kwargs,
+            "config_filename": f"config-{self.subcommand}.yaml",
+            "overwrite": True,
+        }
+
+    def _parse_alone(self, configs: list[str]) -> Namespace | None:
+        """This subcommand's config from `configs` alone (None if they do not parse on their own)."""
         exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False  # raise, print nothing
         try:
-            base = self.parser.parse_args([self.subcommand, *expand_recipes(["--config", self.named_config])])
+            return self.parser.parse_args([self.subcommand, *configs])[self.subcommand]
         except Exception:  # noqa: BLE001 - the experiment alone may need what the command added
             return None
         finally:
             self.parser.exit_on_error = exit_on_error
-        return config_overrides(config, base[self.subcommand])
+
+    def _overrides(self, config: Namespace) -> list[str] | None:
+        """How this run differs from its experiment's config (the first --config, with its recipe) read alone."""
+        base = self._parse_alone(expand_recipes(["--config", self.named_config])) if self.named_config else None
+        return None if base is None else config_overrides(config, base)
+
+    def _differences(self, config: Namespace, run: Path) -> list[str]:
+        """How the settings of the run in `run` differ from this command's (`config`), as `key value` phrases: all
+        of them for `fit`, the network's for an evaluation; and the seed."""
+        saved = self._parse_alone(["--config", str(run / "config.yaml")]) if (run / "config.yaml").is_file() else None
+        if saved is None:
+            return ["no config.yaml this version can read"]
+        mine = self.config_as_given if self.config_as_given is not None else config
+        differences = [(k, a, b) for k, a, b in config_differences(mine, saved) if k != "ckpt_path"]
+        if self.subcommand != "fit":  # an evaluation takes its own batches and limits: only the network must agree
+            differences = [(k, a, b) for k, a, b in differences if k.startswith("model.backbone.")]
+        if mine.get("seed_everything") != saved.get("seed_everything"):
+            differences.insert(0, ("seed_everything", mine.get("seed_everything"), saved.get("seed_everything")))
+        return [f"{key} {theirs} (this command: {value})" for key, value, theirs in differences]
 
     def _resume_last_run(self, config: Namespace, experiment: Path) -> None:
-        """`--ckpt_path last`: see `newest_last_checkpoint`; `fit` goes on in that run's folder, so its TensorBoard
-        curves continue where they stopped."""
-        last = newest_last_checkpoint(experiment)
+        """`--ckpt_path last`: see `run_to_resume`; `fit` goes on in that run's folder, so its TensorBoard curves
+        continue where they stopped."""
+        version = config.trainer.logger.init_args.get("version") if self.subcommand == "fit" else None
+        last, why = run_to_resume(experiment, version, partial(self._differences, config))
         config.ckpt_path = str(last)
         if self.subcommand == "fit":
             config.trainer.logger.init_args.version = last.parents[1].name
@@ -262,7 +308,7 @@ class ResNetLabCLI(LightningCLI):
                 "config_filename": "config-resumed.yaml",
                 "overwrite": True,
             }
-        rank_zero_info(f"resuming from {last}")
+        rank_zero_info(f"resuming from {last}: {why}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -275,6 +321,9 @@ class ResNetLabCLI(LightningCLI):
             extra.append(ThrottledProgressBar())
         if extra:
             kwargs.setdefault("callbacks", [*callbacks, *extra])
+        for key in self.one_batch_limits:  # one batch, as written, not the 100% that the parser's 1.0 means
+            if config["trainer"].get(key) == 1:
+                kwargs[key] = 1
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed

@@ -4,6 +4,7 @@ resume, hand the data's class count to the network, and turn a user's mistake in
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from fractions import Fraction
 from importlib import import_module
 from pathlib import Path
@@ -97,6 +98,34 @@ def expand_recipes(args: list[str]) -> list[str]:
     return expanded
 
 
+# Trainer arguments typed `float | int`, in that order: the parser reads a 1 as 1.0, which Lightning takes for 100%.
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def limits_given_as_one_batch(args: list[str]) -> set[str]:
+    """The batch limits (`BATCH_LIMITS`) that `args` (with recipes expanded) last set to the integer 1, one batch,
+    in a config file (`limit_val_batches: 1`) or an option (`--trainer.limit_val_batches 1`)."""
+    last: dict[str, bool] = {}
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            trainer = config_key(args[i + 1], "trainer")
+            for key in BATCH_LIMITS:
+                if isinstance(trainer, dict) and key in trainer:
+                    value = trainer[key]
+                    last[key] = value == 1 and isinstance(value, int) and not isinstance(value, bool)
+            continue
+        for key in BATCH_LIMITS:
+            option, value = f"--trainer.{key}", None
+            if arg == option and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(f"{option}="):
+                value = arg.split("=", 1)[1]
+            if value is not None:
+                last[key] = value.strip() == "1"
+                break
+    return {key for key, one in last.items() if one}
+
+
 def check_lightning_checkpoint(path: str | Path) -> None:
     """A missing, truncated or foreign file: one clear line, before any work."""
     if "pytorch-lightning_version" not in read_checkpoint(path):
@@ -119,25 +148,45 @@ def check_writable(folder: Path) -> None:
         ) from err
 
 
-def newest_last_checkpoint(experiment: Path) -> Path:
-    """What `--ckpt_path last` resumes here: the newest `last.ckpt` (by modification time) of any run of this
-    experiment, `<save_dir>/<experiment>/version_*/checkpoints/last.ckpt`.
+def run_to_resume(experiment: Path, version: str | None, differences: Callable[[Path], list[str]]) -> tuple[Path, str]:
+    """What `--ckpt_path last` resumes, and why: `(<run>/checkpoints/last.ckpt, reason)`.
 
     Lightning's own `last` looks only in the checkpoint folder of the run being started, which for a new
-    `version_N` is empty: a resumed job would start from scratch. Ours looks across the experiment's earlier runs,
-    and `fit` then continues in the folder of the run it found.
+    `version_N` is empty: a resumed job would start from scratch. Ours finds the run the command names: the one
+    `version` names (`--trainer.logger.init_args.version`, as `paper seeds` gives each seed), else the newest
+    `last.ckpt` among the experiment's runs (`version_N`, `seed<k>`, ...) whose saved config has this command's
+    settings (`differences(run)` lists how a run's differ), so that a quick debug run of the same experiment, or
+    another seed, is never continued in its place.
     """
-    candidates = list(experiment.glob("version_*/checkpoints/last.ckpt"))
+    if version is not None:
+        last = experiment / str(version) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"--ckpt_path last: the run --trainer.logger.init_args.version {version} names has no {last} to "
+                "resume from; start it without --ckpt_path, or give a checkpoint's path"
+            )
+        check_lightning_checkpoint(last)
+        return last, f"the run --trainer.logger.init_args.version {version} names"
+    candidates = sorted(experiment.glob("*/checkpoints/last.ckpt"))
     if not candidates:
         scaled = sorted(p.name for p in experiment.parent.glob(f"{experiment.name}-scale*") if p.is_dir())
         hint = f" (runs of it at another --schedule_scale are in {', '.join(scaled)}: give their scale)" * bool(scaled)
         raise ConfigError(
-            f"--ckpt_path last: no {experiment}/version_*/checkpoints/last.ckpt to resume from{hint}; start the run "
+            f"--ckpt_path last: no {experiment}/*/checkpoints/last.ckpt to resume from{hint}; start the run "
             "without --ckpt_path, or give a checkpoint's path"
         )
-    last = max(candidates, key=os.path.getmtime)
+    differing = {last: differences(last.parents[1]) for last in candidates}
+    same = [last for last, differs in differing.items() if not differs]
+    if not same:
+        runs = "; ".join(f"{last.parents[1].name} has {', '.join(d[:2])}" for last, d in differing.items())
+        raise ConfigError(
+            f"--ckpt_path last: no run of {experiment} has this command's settings ({runs}): name the run to "
+            "resume with --trainer.logger.init_args.version <its folder>, or give a checkpoint's path"
+        )
+    last = max(same, key=os.path.getmtime)
     check_lightning_checkpoint(last)
-    return last
+    count = "the only run" if len(same) == 1 else f"the newest (by its last.ckpt) of {len(same)} runs"
+    return last, f"{count} of {experiment.name} with this command's settings"
 
 
 def build_datamodule(data: dict) -> LightningDataModule:
@@ -307,12 +356,18 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: value}
 
 
+def config_differences(config: Namespace, base: Namespace) -> list[tuple[str, object, object]]:
+    """`(key, value in config, value in base)` for every setting that differs, leaving out paths, names and the
+    seed (`NOT_OVERRIDES`)."""
+    mine, theirs = _flatten(config), _flatten(base)
+    return [
+        (key, mine.get(key), theirs.get(key))
+        for key in sorted({*mine, *theirs})
+        if is_override(key) and mine.get(key) != theirs.get(key)
+    ]
+
+
 def config_overrides(config: Namespace, base: Namespace) -> list[str]:
     """`key=value` (the value as JSON) for every setting of `config` that differs from `base`, its experiment's
-    config as read alone, leaving out paths, names and the seed (`NOT_OVERRIDES`)."""
-    mine, theirs = _flatten(config), _flatten(base)
-    changed = []
-    for key in sorted({*mine, *theirs}):
-        if is_override(key) and mine.get(key) != theirs.get(key):
-            changed.append(f"{key}={json.dumps(mine.get(key), default=str)}")
-    return changed
+    config as read alone (see `config_differences`)."""
+    return [f"{key}={json.dumps(value, default=str)}" for key, value, _ in config_differences(config, base)]

@@ -3,6 +3,7 @@ the source commit, the device, the library versions, how the run differs from it
 schedule scale, its training wall time, and the test results of its weights (`python -m resnet_lab.paper record`)."""
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -15,11 +16,14 @@ import lightning
 import torch
 import torchvision
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from resnet_lab.checkpoints import read_checkpoint
 from resnet_lab.errors import ConfigError
 
 RUN_FILE = "run.json"
+# The final values TensorBoard's HPARAMS tab shows beside each run's settings.
+HPARAM_METRICS = ("train/loss", "val/err_top1", "val/err_top5", "test/err_top1", "test/err_top5")
 
 
 def source_commit() -> str:
@@ -165,6 +169,28 @@ class RunRecord(Callback):
             "finished": _now(),
         }
         _write_run_file(folder, record)
+        self._log_hparams(trainer, pl_module)
+
+    def _log_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The run's settings and final errors for TensorBoard's HPARAMS tab. Lightning writes that summary only
+        when it is given metrics, and logs them at step 0: they go under `hparams/`, so that no curve gains a
+        point."""
+        metrics = {
+            f"hparams/{key.replace('/', '_')}": float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key in HPARAM_METRICS
+        }
+        data = getattr(trainer.datamodule, "hparams", None)
+        params = {
+            "experiment": self.experiment,
+            "schedule_scale": self.schedule_scale,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+            **pl_module.hparams,
+            **({"data": dict(data)} if data else {}),
+        }
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and metrics:
+                logger.log_hyperparams(params, metrics)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = self._folder(trainer)  # on every process: `trainer.log_dir` is a broadcast
@@ -198,3 +224,4 @@ class RunRecord(Callback):
             },
         ]
         _write_run_file(folder, record)
+        self._log_hparams(trainer, pl_module)
