@@ -212,3 +212,20 @@ def test_seeds_differ_in_training_order_and_augmentation_but_not_in_the_split(ci
         cli.datamodule.setup("fit")
         splits.append(cli.datamodule.val_set.labels)
     assert torch.equal(*splits)
+
+
+def test_help_shows_the_project(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "logged into that run, where `table` finds it" in top and "Lightning Trainer command line tool" not in top
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    fit = capsys.readouterr().out
+    assert len(fit.splitlines()) < 1000  # not every nn.Module of torch and torchmetrics
+    backbone = fit[fit.index("  --model.backbone BACKBONE\n") :][:800]
+    assert "this project's" in backbone and "CifarResNet, ImageNetResNet" in " ".join(backbone.split())
+    assert "the run this command names" in " ".join(fit.split())  # our `--ckpt_path last`, not Lightning's
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.help", "CIFAR10DataModule"])  # short names work
+    assert "--data.root ROOT" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIGS, TINY_RUN, quiet_trainer, write_tiny_cifar
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
-from resnet_lab.errors import ConfigError, DataError
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 from resnet_lab.models import Bottleneck, PreActBasicBlock, PreActBottleneck
 from resnet_lab.paper.__main__ import main as paper
 from resnet_lab.paper.responses import LayerResponseMonitor, layer_response_std, responses_of_3x3_layers
@@ -339,3 +339,13 @@ def test_the_installed_package_needs_no_repository(seeded_runs, tmp_path):
     assert ImageClassifier.load_from_checkpoint(elsewhere / "r20.ckpt").backbone.depth == 20
     assert "| resnet20_cifar | ResNet-20 (A) |" in (elsewhere / "table.md").read_text()
     assert (elsewhere / "fig6.png").is_file()
+
+
+def test_an_evaluation_folder_is_not_taken_for_a_training_run(tmp_path):
+    evaluation = fake_run(tmp_path / "resnet20_cifar" / "version_3", 20, 9.0)  # as main.py test used to leave it
+    config = yaml.safe_load((evaluation / "config.yaml").read_text()) | {"ckpt_path": "elsewhere/last.ckpt"}
+    (evaluation / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(DatasetNotFoundError, match=r"version_3 is an evaluation of elsewhere/last.ckpt .*not a"):
+        find_runs([evaluation])
+    with pytest.raises(DatasetNotFoundError, match=r"no training run .* below .*resnet20_cifar \(only evaluations: v"):
+        find_runs([evaluation.parent])

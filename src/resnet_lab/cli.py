@@ -62,6 +62,19 @@ class _NoAdvertisements(logging.Filter):
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
 
+SUBCOMMAND_HELP = {
+    "fit": "train a network: a run folder under logs/<experiment>/ (config, TensorBoard events, checkpoints)",
+    "validate": "evaluate weights on the validation split (a run's checkpoint: logged into that run)",
+    "test": "evaluate weights on the test set (a run's checkpoint: logged into that run, where `table` finds it)",
+    "predict": "class probabilities of the test images from the given weights",
+}
+CKPT_PATH_HELP = {
+    "fit": "a checkpoint to resume from, or `last`: the run this command names (the folder "
+    "--trainer.logger.init_args.version names, else the newest run of the experiment with this command's settings, "
+    "seed included); it goes on in that run's folder",
+    "evaluate": "the weights to evaluate: a checkpoint (a run's checkpoints/last.ckpt or best-step<N>.ckpt, whose "
+    "run the results are logged into), or `last`: the newest run of the experiment with this network and seed",
+}
 LOG_DIR = "logs"
 # Words of a Lightning refusal that is about this machine rather than a setting's value.
 MACHINE_WORDS = ("accelerator", "gpu", "cuda", "mps", "tpu", "backend", "install", "strategy", "device", "precision")
@@ -106,6 +119,25 @@ class ResNetLabCLI(LightningCLI):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("description", "Train and evaluate the paper's residual and plain networks")
         return super().init_parser(**kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:  # Lightning's are the first line of a docstring
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        kwargs["description"] = SUBCOMMAND_HELP.get(subcommand, kwargs.get("description"))
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        ckpt_path = parser._option_string_actions.get("--ckpt_path")
+        if ckpt_path is not None:  # Lightning's help describes its own `last`, which ours replaces
+            ckpt_path.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "evaluate"]
+        data = parser._option_string_actions.get("--data")
+        if data is not None:
+            data.help = (
+                "the dataset and its protocol: a data module by short name or import path, with its arguments as "
+                "--data.<argument> (`--data.help CIFAR10DataModule` lists them)"
+            )
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(

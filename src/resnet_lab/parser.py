@@ -8,6 +8,7 @@ import sys
 from importlib import import_module
 from typing import NoReturn
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
 HELP_HINT = "`python main.py fit --help` lists every option"
@@ -96,8 +97,34 @@ def one_line(message: str, options: list[str] = ()) -> str:
     return "; ".join(lines)[:400]
 
 
+_KNOWN = re.compile(r", known subclasses: ([^)]*)\)$")
+PROJECT = "resnet_lab."
+
+
+class ProjectFirstHelp(DefaultHelpFormatter):
+    """Help that lists this project's classes for an option that takes a class, by the short names the parser
+    accepts, rather than every subclass of `nn.Module` that torch and torchmetrics define."""
+
+    def _get_help_string(self, action) -> str:  # noqa: ANN001 - argparse's Action
+        text = super()._get_help_string(action)
+        known = _KNOWN.search(text)
+        if known is None:
+            return text
+        paths = [p.strip() for p in known.group(1).split(",")]
+        ours = [p.rpartition(".")[2] for p in paths if p.startswith(PROJECT)]
+        others = [p for p in paths if not p.startswith(PROJECT)]
+        listed = f"this project's {', '.join(ours)}" if ours else "none of this project's"
+        more = f"; or by import path any of {len(others)} more, e.g. {others[-1]}" if others else ""
+        return text[: known.start()] + f", by short name: {listed}{more})"
+
+
 class ResNetLabParser(LightningArgumentParser):
-    """LightningArgumentParser whose parse errors are one line (see `one_line`), without the usage before them."""
+    """LightningArgumentParser whose parse errors are one line (see `one_line`), without the usage before them,
+    and whose help shows the project's classes (`ProjectFirstHelp`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", ProjectFirstHelp)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # an inner parser, or a caller that handles the error itself

@@ -16,6 +16,7 @@ from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.errors import DatasetNotFoundError
+from resnet_lab.launch import config_key
 
 # A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
 tb_logging.get_logger().setLevel("ERROR")
@@ -75,17 +76,27 @@ class Run:
 def find_runs(paths: list[Path]) -> list[Run]:
     """Every training run at or directly below each path (an experiment folder holds one run per version or seed).
 
-    Folders that `main.py test` or `validate` made (no checkpoints/) are not training runs and are left out.
+    Folders without checkpoints/ below an experiment are not training runs and are left out: an evaluation of
+    weights from elsewhere (an evaluation of a run's own checkpoint logs into that run).
     """
     runs = []
     for path in paths:
         if (path / "config.yaml").is_file():
+            ckpt = config_key(path / "config.yaml", "ckpt_path")
+            if ckpt and not (path / "checkpoints").is_dir():
+                raise DatasetNotFoundError(
+                    f"{path} is an evaluation of {ckpt} (main.py test or validate; no checkpoints/ of its own), not "
+                    "a training run: give the run folder that trained those weights"
+                )
             runs.append(Run(path))
             continue
-        found = sorted(p for p in path.glob("*") if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir())
-        found = found if path.is_dir() else []
+        folders = sorted(p for p in path.glob("*") if (p / "config.yaml").is_file()) if path.is_dir() else []
+        found = [p for p in folders if (p / "checkpoints").is_dir()]
         if not found:
-            raise DatasetNotFoundError(f"no run folder (one holding config.yaml and TensorBoard events) at {path}")
+            what = f" (only evaluations: {', '.join(p.name for p in folders)})" if folders else ""
+            raise DatasetNotFoundError(
+                f"no training run (a folder holding config.yaml and checkpoints/) at or below {path}{what}"
+            )
         runs.extend(Run(p) for p in found)
     return runs
 
