@@ -349,3 +349,26 @@ def test_an_evaluation_folder_is_not_taken_for_a_training_run(tmp_path):
         find_runs([evaluation])
     with pytest.raises(DatasetNotFoundError, match=r"no training run .* below .*resnet20_cifar \(only evaluations: v"):
         find_runs([evaluation.parent])
+
+
+def test_figures_read_at_any_length():
+    from resnet_lab.paper.curves import Curve, curves_figure
+    from resnet_lab.paper.responses import responses_figure
+
+    residual = {"class": "CifarResNet", "depth": 20, "residual": True}
+    short = Curve("short", residual, [(0, 90.0), (399, 60.0)], [(399, 65.0)])  # one validation point
+    fig, _ = curves_figure([short])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "iterations" and max(ax.get_xlim()) > 399
+    one_point = [line for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert one_point and one_point[0].get_marker() == "o"  # drawn, not an empty line in the legend
+    full = Curve("full", residual, [(0, 90.0), (64000, 0.5)], [(64000, 8.0)])
+    assert curves_figure([full])[0].axes[0].get_xlabel() == "iter. (1e4)"  # the paper's unit
+
+    fig, _ = responses_figure({"ResNet-8": torch.tensor([1.0, 0.5, 0.8, 0.2, 0.4, 0.3, 0.6])})
+    fig.canvas.draw()
+    top, bottom = fig.axes
+    assert top.get_title().startswith("Std of the 3x3 layers' responses") and top.get_ylabel() == "response std"
+    for ax in (top, bottom):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # layers are counted: no 2.5

@@ -58,7 +58,9 @@ def _responses(args: argparse.Namespace) -> None:
     from resnet_lab.paper.runs import Run
 
     curves = {}
-    for checkpoint in args.checkpoints:
+    for number, checkpoint in enumerate(args.checkpoints, 1):
+        # A deep net over the 10k test images takes minutes on a CPU: say what is being measured.
+        print(f"[{number}/{len(args.checkpoints)}] measuring the layer responses of {checkpoint}", flush=True)
         run = Run(checkpoint.parent.parent)  # <run>/checkpoints/<file>.ckpt
         model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
         data = run.datamodule(root=args.data_root)

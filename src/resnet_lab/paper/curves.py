@@ -47,11 +47,14 @@ def read_curves(paths: list[Path]) -> list[Curve]:
 
 
 def plot_curves(curves: list[Curve], out: Path, title: str = "") -> tuple[Path, Path]:
-    """Write `out`.png and `out`.csv (run, curve, step, error) and log the figure to TensorBoard beside them.
+    """Write `out`.png and `out`.csv (run, curve, step, error) and log the figure to TensorBoard beside them."""
+    fig, rows = curves_figure(curves, title)
+    return save_figure(fig, out), write_csv(out, ("run", "curve", "step", "error_pct"), rows)
 
-    Plain and residual runs go to separate panels, as in the paper's Fig. 6.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+def curves_figure(curves: list[Curve], title: str = "") -> tuple[Figure, list[tuple]]:
+    """Fig. 6: plain and residual runs in separate panels, training error dashed and validation error bold against
+    iterations; and its points as rows (run, curve, step, error)."""
     panels = {
         "plain": [c for c in curves if not c.backbone.get("residual", True)],
         "residual": [c for c in curves if c.backbone.get("residual", True)],
@@ -59,6 +62,9 @@ def plot_curves(curves: list[Curve], out: Path, title: str = "") -> tuple[Path, 
     panels = {k: v for k, v in panels.items() if v}
     fig = Figure(figsize=(5.5 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
+    # The paper's axis is in units of 1e4 iterations; a short run reads better in plain iterations.
+    last_step = max((step for c in curves for step, _ in (*c.train, *c.val)), default=0)
+    unit, unit_label = (1e4, "iter. (1e4)") if last_step >= 1e4 else (1, "iterations")
     rows = []
     for ax, (kind, panel_runs) in zip(axes[0], panels.items(), strict=True):
         for color, curve in zip(rcParams["axes.prop_cycle"].by_key()["color"] * 4, panel_runs, strict=False):
@@ -68,17 +74,18 @@ def plot_curves(curves: list[Curve], out: Path, title: str = "") -> tuple[Path, 
                 if points:
                     steps, values = zip(*points, strict=True)
                     ax.plot(
-                        [s / 1e4 for s in steps],
+                        [s / unit for s in steps],
                         values,
                         style,
                         lw=width,
                         color=color,
+                        marker="o" if len(points) == 1 else None,  # a line of one point draws nothing
                         label=label if suffix == "val" else None,
                     )
-        ax.set_xlabel("iter. (1e4)")
+        ax.set_xlabel(unit_label)
         ax.set_title(f"{kind} nets" + (f": {title}" if title else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("error (%)  — dashed: training, bold: validation")
     fig.tight_layout()
-    return save_figure(fig, out), write_csv(out, ("run", "curve", "step", "error_pct"), rows)
+    return fig, rows

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib import rcParams
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 
 from resnet_lab.errors import ConfigError
@@ -92,7 +93,14 @@ def layer_response_std(
 
 
 def plot_responses(curves: dict[str, Tensor], out: Path) -> tuple[Path, Path]:
-    """The paper's Fig. 7 layout: std by layer index (top) and sorted by magnitude (bottom); PNG, CSV, TensorBoard."""
+    """`responses_figure` as PNG, CSV and in TensorBoard."""
+    fig, rows = responses_figure(curves)
+    return save_figure(fig, out), write_csv(out, ("model", "layer", "rank_by_magnitude", "std"), rows)
+
+
+def responses_figure(curves: dict[str, Tensor]) -> tuple[Figure, list[tuple]]:
+    """The paper's Fig. 7 layout: std by layer index (top) and sorted by magnitude (bottom); and its points as rows
+    (model, layer, rank by magnitude, std)."""
     fig = Figure(figsize=(7, 6))
     top, bottom = fig.subplots(2, 1)
     rows = []
@@ -102,14 +110,16 @@ def plot_responses(curves: dict[str, Tensor], out: Path) -> tuple[Path, Path]:
         bottom.plot(range(1, len(std) + 1), ordered, color=color, label=label)
         rank = {i: r for r, i in enumerate(torch.argsort(std, descending=True).tolist(), 1)}
         rows += [(label, i + 1, rank[i], value) for i, value in enumerate(std.tolist())]
+    top.set_title("Std of the 3x3 layers' responses (after BN, before ReLU or addition) on the test set")
     top.set_xlabel("layer index (original)")
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
-        ax.set_ylabel("std")
+        ax.set_ylabel("response std")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, not measured
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, out), write_csv(out, ("model", "layer", "rank_by_magnitude", "std"), rows)
+    return fig, rows
 
 
 class LayerResponseMonitor(Callback):
@@ -149,4 +159,5 @@ class LayerResponseMonitor(Callback):
             ax.plot(range(1, len(self.last_std) + 1), self.last_std.tolist())
             ax.set_xlabel("3x3 layer index")
             ax.set_ylabel("response std")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             experiment.add_figure("responses/std_by_layer", fig, global_step=trainer.global_step)
