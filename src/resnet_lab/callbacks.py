@@ -245,7 +245,15 @@ class CheckpointOnSignal(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             self._save(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Stopping here rather than right after the save lets Lightning log the saved iteration's values first.
+        if self.saved:
             raise SIGTERMException  # Lightning's clean exit: loggers flushed, status 0
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.saved and trainer.state.fn == "fit":  # no validation on the way out
+            raise SIGTERMException
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning ends a data-parallel run on SIGTERM at the start of the next iteration, on every process.
@@ -254,7 +262,7 @@ class CheckpointOnSignal(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         name = signal.Signals(self.signalled).name if self.signalled else "SIGTERM"
         rank_zero_info(
             f"{name}: saved {path} after iteration {trainer.global_step}; resume with --ckpt_path last (or {path})"
@@ -282,7 +290,7 @@ class PeriodicCheckpoint(Callback):
         if not self.every_n_train_steps or trainer.global_step % self.every_n_train_steps:
             return
         if parameters_are_finite(pl_module):
-            trainer.save_checkpoint(last_checkpoint_path(trainer))
+            trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
 
 
 class ThrottledProgressBar(TQDMProgressBar):
