@@ -161,15 +161,17 @@ class RunRecord(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = self._folder(trainer)
-        if folder is None or not trainer.is_global_zero:
-            return
-        record = read_run_file(folder) | {
-            "iterations": trainer.global_step,
-            "wall_s": round(self._wall_s(), 1),
-            "finished": _now(),
-        }
-        _write_run_file(folder, record)
-        self._log_hparams(trainer, pl_module)
+        if folder is not None and trainer.is_global_zero:
+            record = read_run_file(folder) | {
+                "iterations": trainer.global_step,
+                "wall_s": round(self._wall_s(), 1),
+                "finished": _now(),
+            }
+            _write_run_file(folder, record)
+            self._log_hparams(trainer, pl_module)
+        # The other processes wait for the first one's files: one that exits while the first still writes can abort
+        # at exit in the process group's teardown (seen with gloo on CPU).
+        trainer.strategy.barrier("run_record")
 
     def _log_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The run's settings and final errors for TensorBoard's HPARAMS tab. Lightning writes that summary only
@@ -194,8 +196,11 @@ class RunRecord(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = self._folder(trainer)  # on every process: `trainer.log_dir` is a broadcast
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._record_test(trainer, pl_module, log_dir)
+        trainer.strategy.barrier("run_record")  # as at the end of fit
+
+    def _record_test(self, trainer: Trainer, pl_module: LightningModule, log_dir: Path | None) -> None:
         if trainer.ckpt_path:  # the weights of a checkpoint: their test goes into the run that trained them
             checkpoint = Path(trainer.ckpt_path)
             folder = checkpoint.parent.parent
