@@ -23,6 +23,8 @@ PARALLEL = 2
 
 def _child(command: dict) -> None:
     os.chdir(command["cwd"])
+    for leftover in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(leftover, None)  # a launcher's, left in the environment of the process that runs us
     os.environ.update(command.get("env", {}))
     for fd, suffix in ((1, ".stdout"), (2, ".stderr")):
         os.dup2(os.open(command["out"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)

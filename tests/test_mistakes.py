@@ -227,7 +227,9 @@ def outcomes(tmp_path_factory) -> dict[str, tuple[int, str]]:
 
 
 # What Lightning prints as it starts, before a mistake found while the trainer or the data is set up.
-STARTUP = re.compile(r"^(Seed set to \d+|GPU available: .*|TPU available: .*|Using .* Automatic Mixed Precision.*)$")
+STARTUP = re.compile(
+    r"^(\[rank: \d+\] )?(Seed set to \d+|GPU available: .*|TPU available: .*|Using .* Automatic Mixed Precision.*)$"
+)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.what)
