@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,20 @@ def test_help_shows_the_project(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--data.help", "CIFAR10DataModule"])  # short names work
     assert "--data.root ROOT" in capsys.readouterr().out
+
+
+def test_the_progress_bar_after_a_resume_mid_epoch(cifar_root, tmp_path, capfd):
+    base = ["--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(cifar_root), "--data.val_size", "50",
+            "--data.batch_size", "16", "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.log_graph", "false", "--trainer.limit_train_batches", "5",
+            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]  # fmt: skip
+    main(["fit", *base, "--trainer.max_steps", "2"])  # stops inside epoch 0, after 2 of its 5 iterations
+    capfd.readouterr()
+    last = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["fit", *base, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
+    bar = capfd.readouterr().out.replace("\r", "\n")
+    # The epoch and its length (Lightning starts no epoch on such a resume), where it resumed, the training window's
+    # loss and error, and the run's whole name.
+    assert re.search(r"Epoch 0:  50%.* 2/4 ", bar), bar  # resumed after 2 of the 4 iterations this epoch trains
+    assert re.search(r"Epoch 0: 100%.* 4/4 .*train/loss=[\d.]+, train/err_top1=[\d.]+.*run=version_1", bar), bar
+    assert not re.search(r"Epoch 0: .*/\?", bar)

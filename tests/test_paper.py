@@ -169,12 +169,13 @@ def test_fig7_refuses_a_network_that_declares_no_response_layers():
         responses_of_3x3_layers(torchvision.models.resnet18())
 
 
-def test_responses_command_on_run_checkpoints(seeded_runs, tmp_path):
+def test_responses_command_on_run_checkpoints(seeded_runs, tmp_path, capsys):
     checkpoints = [
         seeded_runs / "logs" / c / "seed0" / "checkpoints" / "last.ckpt" for c in ("plain20_cifar", "resnet20_cifar")
     ]
     out = tmp_path / "fig7"
     paper(["responses", *map(str, checkpoints), "--out", str(out), "--data-root", str(seeded_runs / "data")])
+    assert f"[2/2] measuring the layer responses of {checkpoints[1]}" in capsys.readouterr().out  # not silent
     with out.with_suffix(".csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"plain-20 (plain20_cifar/seed0)", "ResNet-20 (resnet20_cifar/seed0)"}

@@ -326,6 +326,8 @@ class ThrottledProgressBar(TQDMProgressBar):
         if not self._epoch_shown:
             self.on_train_epoch_start(trainer, pl_module)
             bar = self.train_progress_bar
+            if trainer.max_steps > 0:  # Lightning's total counts the iterations left from here, not the epoch's
+                bar.total = min(trainer.num_training_batches, batch_idx + trainer.max_steps - trainer.global_step)
             bar.n = bar.initial = self._batches_done = batch_idx
             bar.refresh()
 
@@ -335,7 +337,7 @@ class ThrottledProgressBar(TQDMProgressBar):
         version = items.pop("v_num", None)
         if version is not None and trainer.logger is not None:
             version = trainer.logger.version
-            items["run"] = version if isinstance(version, str | int) else str(version)
+            items["run"] = f"version_{version}" if isinstance(version, int) else str(version)
         return items
 
     def on_train_batch_end(
