@@ -138,6 +138,14 @@ def test_a_config_is_read_after_the_recipe_it_names(tmp_path, monkeypatch):
         "--config", "preset.yaml",
         "--trainer.max_steps", "2",
     ]  # fmt: skip
+    # A preset given before its experiment still stacks on the experiment's recipe.
+    assert expand_recipes(["fit", "--config", "preset.yaml", "--config", str(tmp_path / "exp.yaml")]) == [
+        "fit",
+        "--config", str(tmp_path / "recipes" / "base.yaml"),
+        "--config", str(tmp_path / "recipes" / "family.yaml"),
+        "--config", "preset.yaml",
+        "--config", str(tmp_path / "exp.yaml"),
+    ]  # fmt: skip
     (tmp_path / "recipes" / "base.yaml").write_text("recipe: family.yaml\n")
     with pytest.raises(ConfigError, match="name each other in a circle"):
         expand_recipes(["--config", str(tmp_path / "exp.yaml")])

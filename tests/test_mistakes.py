@@ -76,7 +76,7 @@ MISTAKES = [
     Mistake("an abbreviated option (argparse would take it as --trainer.max_steps)", "fit {r20} --trainer.max_step 3",
             "unknown option --trainer.max_step (did you mean --trainer.max_steps?; options are never abbreviated)"),
     Mistake("a network class that does not exist", "fit {r20} --model.backbone resnet_lab.ResNet21",
-            "--model.backbone: cannot use resnet_lab.ResNet21"),
+            "--model.backbone: resnet_lab.ResNet21 does not exist (did you mean resnet_lab.CifarResNet?)"),
     Mistake("an unknown subcommand", "fti {r20}", "invalid choice: 'fti' (choose from 'fit', 'validate'"),
     Mistake("a CIFAR depth that is not 6n+2", "fit {r20} --model.backbone.init_args.depth 21",
             "depth with BasicBlock must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202...), got 21"),
@@ -100,7 +100,10 @@ MISTAKES = [
     Mistake("a validation split larger than the training set", "fit {r20} --data.val_size 60000",
             "val_size must be in [0, 200), got 60000"),
     Mistake("a test range beyond the test set", "test {r20} --data.test_range [0,20000] --ckpt_path {checkpoint}",
-            "test_range [0, 20000] must lie within [0, 40]"),
+            "test_range [0, 20000] must be [start, stop) with 0 <= start < stop <= 40"),
+    Mistake("a test range that ends before it starts",
+            "test {r20} --data.test_range [30,10] --ckpt_path {checkpoint}",
+            "test_range [30, 10] must be [start, stop) with 0 <= start < stop <= 40"),
     Mistake("no GPU for --trainer.accelerator gpu", "fit {r20} --trainer.accelerator gpu",
             "the trainer cannot run as configured on this machine: No supported gpu backend found!", gpu_free=True),
     Mistake("a data root that does not exist, download of", "fit {r20}/nowhere --data.download false",
@@ -137,6 +140,36 @@ MISTAKES = [
             "holds another network than the config names (depth 20 in the checkpoint, 56 in the config)"),
     Mistake("--ckpt_path last with nothing to resume", "fit --config configs/resnet32_cifar.yaml --ckpt_path last",
             "--ckpt_path last: no"),
+    Mistake("a run's checkpoints folder as --ckpt_path", "test {r20} --ckpt_path {checkpoint_folder}",
+            "checkpoints is a folder: give a checkpoint file in it: best-step2.ckpt, last.ckpt"),
+    Mistake("a test without weights", "test {r20}", "test needs trained weights: --ckpt_path"),
+    Mistake("--schedule_scale 0", "fit {r20} --schedule_scale 0", "--schedule_scale must be in (0, 1]"),
+    Mistake("--trainer.val_check_interval 0", "fit {r20} --trainer.val_check_interval 0",
+            "--trainer.val_check_interval 0: give a number of iterations"),
+    Mistake("--config before the subcommand", "--config configs/resnet20_cifar.yaml fit",
+            "--config configs/resnet20_cifar.yaml comes before the subcommand: put it after"),
+    Mistake("a folder as --config", "fit --config configs", "--config configs is a folder: give one of its"),
+    Mistake("a checkpoint as --config", "fit --config {checkpoint}", "last.ckpt is not a text file"),
+    Mistake("an empty config file", "fit {r20} --config {empty_config}", "empty.yaml is empty"),
+    Mistake("a misspelt option in a config file", "fit {r20} --config {unknown_key_config}",
+            "trainer.max_stepz (in a --config file) is not an option of fit (did you mean trainer.max_steps?)"),
+    Mistake("a number where a config wants a list", "fit {r20} --config {milestones_config}",
+            "--model.lr_scheduler.init_args.milestones 32000: expected a list"),
+    Mistake("a residual unit that does not exist", "fit {r20} --model.backbone.init_args.block Nope",
+            "--model.backbone.init_args.block Nope: no class of that name is known here"),
+    Mistake("a misspelt augmentation class",
+            """fit {r20} --data.augmentations '[{{"class_path": "resnet_lab.data.PadCropFlop"}}]'""",
+            "resnet_lab.data.PadCropFlop does not exist (did you mean resnet_lab.data.PadCropFlip?)"),
+    Mistake("a module given as the network", "fit {r20} --model.backbone.class_path torchvision.models",
+            "--model.backbone torchvision.models: not a class of the kind this option takes"),
+    Mistake("an option with a dash for its underscore", "fit {r20} --ckpt-path last",
+            "unknown option --ckpt-path (did you mean --ckpt_path?"),
+    Mistake("an ImageNet folder as a CIFAR config's root",
+            "fit --config configs/resnet20_cifar.yaml --data.root {imagenet}",
+            "holds an ImageFolder dataset (train/, val/), not cifar-10-batches-py/"),
+    Mistake("a misspelt paper command", "-m resnet_lab.paper tabel logs", "argument command: invalid choice: 'tabel'"),
+    Mistake("a paper table of a folder that does not exist", "-m resnet_lab.paper table nowhere",
+            "nowhere does not exist: give run folders"),
 ]  # fmt: skip
 
 
@@ -152,6 +185,9 @@ def make_files(root: Path) -> dict[str, str]:
     config = (REPO / "configs" / "resnet20_cifar.yaml").read_text().replace("depth:", "depht:")
     (root / "typo.yaml").write_text(config.replace("recipe: recipes/", f"recipe: {REPO}/configs/recipes/"))
     (root / "broken.yaml").write_text("model:\n  backbone: [\n")
+    (root / "empty.yaml").write_text("")
+    (root / "max_stepz.yaml").write_text("trainer:\n  max_stepz: 3\n")
+    (root / "milestones.yaml").write_text("model:\n  lr_scheduler:\n    init_args:\n      milestones: 32000\n")
     from torchvision.io import write_jpeg
 
     g = torch.Generator().manual_seed(0)
@@ -172,7 +208,9 @@ def make_files(root: Path) -> dict[str, str]:
         "broken_config": root / "broken.yaml", "imagenet": root / "imagenet", "imagenet_no_val": root / "no_val",
         "imagenet_corrupt": root / "corrupt", "too_many": CORES + 1,
         "checkpoint": root / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt",
-        "truncated_checkpoint": root / "truncated.ckpt",
+        "truncated_checkpoint": root / "truncated.ckpt", "empty_config": root / "empty.yaml",
+        "unknown_key_config": root / "max_stepz.yaml", "milestones_config": root / "milestones.yaml",
+        "checkpoint_folder": root / "logs" / "resnet20_cifar" / "version_0" / "checkpoints",
     }  # fmt: skip
     return {key: str(value) for key, value in files.items()}
 
@@ -257,12 +295,15 @@ def render(doc: str) -> str:
         "broken_config": "broken.yaml", "hollow": "empty_folder", "imagenet_no_val": "imagenette_train_only",
         "imagenet_corrupt": "imagenette_with_a_bad_jpeg", "empty_checkpoint": "empty.ckpt",
         "truncated_checkpoint": "truncated.ckpt", "text_checkpoint": "notes.ckpt",
-        "published_weights": "resnet20-12fca82f.th",
+        "published_weights": "resnet20-12fca82f.th", "empty_config": "empty.yaml",
+        "unknown_key_config": "max_stepz.yaml", "milestones_config": "milestones.yaml",
+        "checkpoint_folder": "logs/resnet20_cifar/version_0/checkpoints",
     }  # fmt: skip
     rows = ["| mistake | command | prints (one line, exit 1) |", "|---|---|---|"]
     for mistake in MISTAKES:
         command = expand(mistake.command).format(**shown).replace("|", "\\|")
-        rows.append(f"| {mistake.what} | `python main.py {command}` | `error: ...{mistake.says.format(**shown)}...` |")
+        program = "python" if command.startswith("-m ") else "python main.py"
+        rows.append(f"| {mistake.what} | `{program} {command}` | `error: ...{mistake.says.format(**shown)}...` |")
     section = "\n".join([BEGIN, *rows, END])
     start, stop = doc.index(BEGIN), doc.index(END) + len(END)
     return doc[:start] + section + doc[stop:]

@@ -15,6 +15,10 @@ LIGHTNING_ALIASES = ("last", "best", "hpc", "registry")
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's contents (tensors memory-mapped, so a large file costs little to check)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.ckpt"))
+        hint = f": {', '.join(found[:3])}" if found else ""
+        raise DatasetNotFoundError(f"checkpoint {path} is a folder: give a checkpoint file in it{hint}")
     if not path.is_file():
         raise DatasetNotFoundError(f"checkpoint {path} does not exist")
     try:

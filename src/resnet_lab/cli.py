@@ -26,6 +26,7 @@ from resnet_lab.checkpoints import LIGHTNING_ALIASES
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
 from resnet_lab.launch import (
+    check_config_after_subcommand,
     check_lightning_checkpoint,
     check_writable,
     config_differences,
@@ -92,6 +93,8 @@ class ResNetLabCLI(LightningCLI):
         self.run_record: RunRecord | None = None  # set once the config is parsed
         self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
         given = sys.argv[1:] if args is None else args
+        if isinstance(given, list):
+            check_config_after_subcommand(given)
         self.named_config = experiment_config(given) if isinstance(given, list) else None
         if args is None:  # the command line: read in place, as LightningCLI expects it there
             sys.argv[1:] = expand_recipes(sys.argv[1:])
@@ -237,7 +240,10 @@ class ResNetLabCLI(LightningCLI):
         config.recipe = None  # the saved config holds every value itself: no recipe to read before it
         # One folder per experiment, named by the config (`experiment:`) unless the user named the run.
         init_args = getattr(config.trainer.logger, "init_args", None)
-        scale = config.get("schedule_scale") or 1.0
+        scale = config.get("schedule_scale")
+        scale = 1.0 if scale is None else scale
+        if self.subcommand == "fit" and not 0 < scale <= 1:
+            raise ConfigError(f"--schedule_scale must be in (0, 1] (e.g. 0.0625 for 1/16 of the schedule), got {scale}")
         if init_args is not None and init_args.get("name") == UNNAMED_RUN:
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
@@ -246,6 +252,18 @@ class ResNetLabCLI(LightningCLI):
             if config.trainer.get(key) == 1:
                 config.trainer[key] = 1  # config.yaml keeps the 1 as written
         interval = config.trainer.get("val_check_interval")
+        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+            raise ConfigError(
+                f"--trainer.val_check_interval {interval}: give a number of iterations (e.g. 2000) or a fraction of an "
+                "epoch in (0, 1]"
+            )
+        if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
+            weights = (config.model.backbone.get("init_args") or Namespace()).get("weights")
+            if weights is None:  # a torchvision network with its `weights` is the one net that needs no checkpoint
+                raise ConfigError(
+                    f"{self.subcommand} needs trained weights: --ckpt_path <run>/checkpoints/last.ckpt (or `last`, the "
+                    "newest run of the experiment); without them it would evaluate the untrained network"
+                )
         if (
             isinstance(interval, int)
             and not isinstance(interval, bool)
@@ -340,6 +358,8 @@ class ResNetLabCLI(LightningCLI):
                 "config_filename": "config-resumed.yaml",
                 "overwrite": True,
             }
+        # The run's own checkpoint folder, written to again: Lightning's warning that it is not empty says nothing.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         rank_zero_info(f"resuming from {last}: {why}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:

@@ -21,12 +21,16 @@ def config_key(config: str | Path, key: str) -> object:
     """A top-level value of a config file, None if it has none or cannot be read (the parser reports that)."""
     try:
         return (yaml.safe_load(Path(config).read_text()) or {}).get(key)
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not text (UnicodeDecodeError)
         return None
 
 
 def check_config_file(config: Path) -> None:
     """A --config that is missing, or not a YAML mapping: one line naming the file (and the line of a syntax error)."""
+    if config.is_dir():
+        examples = sorted(p.name for p in config.glob("*.yaml"))[:3]
+        hint = f", e.g. {config / examples[0]}" if examples else ""
+        raise ConfigError(f"--config {config} is a folder: give one of its config files{hint}")
     if not config.is_file():
         raise ConfigError(f"--config {config}: no such file (the experiment configs are in configs/)")
     try:
@@ -36,9 +40,13 @@ def check_config_file(config: Path) -> None:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"--config {config} is not valid YAML{where}: {problem}") from err
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {config} is not a text file (a YAML config is; was a checkpoint given?)") from err
+    except OSError as err:
         raise ConfigError(f"--config {config} cannot be read ({err})") from err
-    if not isinstance(content, dict | None):
+    if content is None:
+        raise ConfigError(f"--config {config} is empty: a config holds `key: value` settings")
+    if not isinstance(content, dict):
         raise ConfigError(f"--config {config} must hold `key: value` settings, not a {type(content).__name__}")
 
 
@@ -58,6 +66,23 @@ def _config_files(args: list[str]) -> list[str]:
     return files
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_config_after_subcommand(args: list[str]) -> None:
+    """`main.py --config X fit` reads X as a file of `fit:` / `test:` sections, which an experiment config is not:
+    say to put it after the subcommand rather than let the parser complain about its first key."""
+    at = next((i for i, arg in enumerate(args) if arg in SUBCOMMANDS), None)
+    if at is None:
+        return
+    for config in _config_files(args[:at]):
+        if not any(config_key(config, name) is not None for name in SUBCOMMANDS):
+            raise ConfigError(
+                f"--config {config} comes before the subcommand: put it after, "
+                f"`python main.py {args[at]} --config {config} ...`"
+            )
+
+
 def experiment_config(args: list[str]) -> str | None:
     """The experiment's config among command-line arguments: the first `--config` that sets `experiment:` (presets
     may come before it), else the first `--config`."""
@@ -68,8 +93,12 @@ def experiment_config(args: list[str]) -> str | None:
 def expand_recipes(args: list[str]) -> list[str]:
     """Put each config's recipe before it: `--config E` whose file says `recipe: R` (a path relative to E) becomes
     `--config R --config E`, recursively, so that an experiment is a few lines over its family's recipe and any
-    later `--config` or option still overrides both."""
-    expanded, i = [], 0
+    later `--config` or option still overrides both.
+
+    The recipes go before the first `--config`, so that a preset given before its experiment (`--config
+    presets/debug.yaml --config resnet20_cifar.yaml`) still overrides the experiment's recipe, as it would after it.
+    """
+    expanded, recipes, first, i = [], [], None, 0
     while i < len(args):
         arg = args[i]
         if arg == "--config" and i + 1 < len(args):
@@ -92,9 +121,11 @@ def expand_recipes(args: list[str]) -> list[str]:
                 raise ConfigError(f"the recipes of {path} name each other in a circle ({recipe})")
             seen.add(recipe.resolve())
             chain.insert(0, recipe)
-        for config in chain[:-1]:
-            expanded += ["--config", str(config)]
+        recipes += [str(config) for config in chain[:-1] if str(config) not in recipes]
+        first = len(expanded) if first is None else first
         expanded += ["--config", path]
+    if first is not None:
+        expanded[first:first] = [flag for recipe in recipes for flag in ("--config", recipe)]
     return expanded
 
 
@@ -319,8 +350,9 @@ def run_name(experiment: str, scale: float) -> str:
     return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
 
 
-# Settings that change where a run is written or read, or what it shows, but not what it trains (both CIFAR loaders
-# give the same batches, whatever the workers); and the seed and the scale, which the ledger keeps apart.
+# Settings that change where a run is written or read, what it shows, or when it stops and saves, but not what it
+# trains (both CIFAR loaders give the same batches, whatever the workers); and the seed and the scale, which the
+# ledger keeps apart.
 NOT_OVERRIDES = (
     "config",
     "recipe",
@@ -334,6 +366,11 @@ NOT_OVERRIDES = (
     "data.init_args.num_workers",
     "trainer.logger",
     "trainer.default_root_dir",
+    "trainer.max_time",
+    "checkpoint",
+    "last_checkpoint",
+    "periodic_checkpoint",
+    "lr_monitor",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "model.backbone.init_args.num_classes",

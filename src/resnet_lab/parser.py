@@ -21,7 +21,19 @@ _GIVEN = re.compile(
     r"(?:Given value|Got value): (?:NestedArg\(key='[^']*', val=)?(.+?)\)?(?:\. Got value: .*)?$", re.MULTILINE
 )
 _LITERAL = re.compile(r"typing\.Literal\[(.+)\]")
-_TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a text"}
+_NO_ATTRIBUTE = re.compile(r"module '([^']+)' has no attribute '([^']+)'")
+_NO_CLASS = re.compile(r"Expected a dot import path string: (\S+)")
+_NOT_SUBCLASS = re.compile(r"Import path (\S+) does not correspond to a subclass of (\w+)")
+_NOT_ACCEPTED_IN_FILE = re.compile(r"Subcommand '(\w+)' does not accept option '([^']+)'")
+_TYPE_NAMES = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a text",
+    "Iterable": "a list",
+    "Sequence": "a list",
+    "list": "a list",
+}
 
 
 def _option(message: str) -> str:
@@ -36,8 +48,8 @@ def _accepted(expected: list[str]) -> str:
     for text in expected:
         if literal := _LITERAL.search(text):
             values += [v.strip() for v in literal.group(1).split(",")]
-        elif (simple := re.fullmatch(r"<class '(\w+)'>", text)) and simple.group(1) in _TYPE_NAMES:
-            kinds.append(_TYPE_NAMES[simple.group(1)])
+        elif (simple := re.fullmatch(r"<class '([\w.]+)'>", text)) and simple.group(1).split(".")[-1] in _TYPE_NAMES:
+            kinds.append(_TYPE_NAMES[simple.group(1).split(".")[-1]])
     parts = [f"one of {', '.join(dict.fromkeys(values))}"] * bool(values) + list(dict.fromkeys(kinds))
     return " or ".join(parts)
 
@@ -67,11 +79,26 @@ def one_line(message: str, options: list[str] = ()) -> str:
     if message.startswith("unrecognized arguments:"):
         given = message.split(":", 1)[1].split()
         unknown_options = [g.split("=", 1)[0] for g in given if g.startswith("--")] or given[:1]
-        section, _, name = unknown_options[0].rpartition(".")
+        section, dot, name = unknown_options[0].rpartition(".")
         siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == section]
         near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
-        hint = f"did you mean {section}.{near[0]}?" if near else HELP_HINT
+        hint = f"did you mean {section}{dot}{near[0]}?" if near else HELP_HINT
         return f"unknown option {' '.join(unknown_options)} ({hint}; options are never abbreviated)"
+    if in_file := _NOT_ACCEPTED_IN_FILE.search(message):
+        key = in_file.group(2)
+        section, _, name = key.rpartition(".")
+        siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == f"--{section}"]
+        near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+        hint = f"did you mean {section}.{near[0]}?" if near else HELP_HINT
+        return f"{key} (in a --config file) is not an option of {in_file.group(1)} ({hint})"
+    if missing := _NO_ATTRIBUTE.search(message):
+        module, name = missing.groups()
+        try:
+            near = difflib.get_close_matches(name, dir(import_module(module)), n=1)
+        except ImportError:
+            near = []
+        hint = f"did you mean {module}.{near[0]}?" if near else "give an import path or a short name"
+        return f"--{option}: {module}.{name} does not exist ({hint})"
     if message.startswith("the following arguments are required:"):
         missing = [m.strip().split(".", 1)[-1] for m in message.split(":", 1)[1].split(",")]
         return (
@@ -87,18 +114,36 @@ def one_line(message: str, options: list[str] = ()) -> str:
     if option:
         given = _GIVEN.findall(message)
         accepted = _accepted(_EXPECTED.findall(message))
-        if given or accepted:
+        if accepted:
             value = given[0].strip() if given else "this value"
-            return f"--{option} {value}: expected {accepted or 'another value'}"
+            return f"--{option} {value}: expected {accepted}"
+        if unknown_class := _NO_CLASS.search(message):
+            return (
+                f"--{option} {unknown_class.group(1)}: no class of that name is known here; give its import path "
+                "(package.module.Class) or the short name of one of this project's classes (see --help)"
+            )
+        if not_subclass := _NOT_SUBCLASS.search(message):
+            path, base = not_subclass.groups()
+            return f"--{option} {path}: not a class of the kind this option takes (a subclass of {base})"
+        if given:
+            return f"--{option} {given[0].strip()}: expected another value"
         if classes := _CLASS.findall(message):
             detail = message.splitlines()[-1].strip()
             return f"--{option}: cannot use {classes[-1]} ({detail}); give the class's import path or short name"
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
-    return "; ".join(lines)[:400]
+    return _KEY.sub(lambda key: f"--{key.group(1)}", "; ".join(lines)).replace(":;", ":")[:400]
 
 
 _KNOWN = re.compile(r", known subclasses: ([^)]*)\)$")
 PROJECT = "resnet_lab."
+
+
+def _defined_in(class_path: str, package: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(import_module(module), name).__module__.startswith(package)
+    except (ImportError, AttributeError):
+        return False
 
 
 class ProjectFirstHelp(DefaultHelpFormatter):
@@ -111,10 +156,15 @@ class ProjectFirstHelp(DefaultHelpFormatter):
         if known is None:
             return text
         paths = [p.strip() for p in known.group(1).split(",")]
-        ours = [p.rpartition(".")[2] for p in paths if p.startswith(PROJECT)]
+        # Where any nn.Module will do (the backbone, a residual unit), the project's candidates are its networks and
+        # units, not the data transforms or the LightningModule that are modules too.
+        home = f"{PROJECT}models" if "torch.nn.Module" in paths else PROJECT.rstrip(".")
+        ours = [p.rpartition(".")[2] for p in paths if p.startswith(PROJECT) and _defined_in(p, home)]
         others = [p for p in paths if not p.startswith(PROJECT)]
+        torchvision = [p for p in others if p.startswith("torchvision.models.") and p.count(".") == 2]
+        others = (["torchvision.models.ResNet"] if "torchvision.models.ResNet" in others else torchvision) or others
         listed = f"this project's {', '.join(ours)}" if ours else "none of this project's"
-        more = f"; or by import path any of {len(others)} more, e.g. {others[-1]}" if others else ""
+        more = f"; or any other by import path, e.g. {others[0]}" if others else ""
         return text[: known.start()] + f", by short name: {listed}{more})"
 
 

@@ -166,6 +166,11 @@ class CIFAR10DataModule(InMemoryDataModule):
     def prepare_data(self) -> None:
         if self.data_dir.is_dir():
             return
+        if (self.root / "train").is_dir() and (self.root / "val").is_dir():  # never download into another dataset
+            raise ConfigError(
+                f"--data.root {self.root} holds an ImageFolder dataset (train/, val/), not {self.folder}/: give the "
+                f"folder that holds {self.folder}/, or use an ImageNet config for it (configs/resnet18_imagenette.yaml)"
+            )
         if not self.download:
             raise DatasetNotFoundError(
                 f"no {self.torchvision_class.__name__} found: looked for {self.data_dir.resolve()}. Point "
@@ -196,7 +201,10 @@ class CIFAR10DataModule(InMemoryDataModule):
         if self.test_range is not None:
             start, stop = self.test_range
             if not 0 <= start < stop <= len(test_labels):
-                raise ConfigError(f"test_range {list(self.test_range)} must lie within [0, {len(test_labels)}]")
+                raise ConfigError(
+                    f"test_range {list(self.test_range)} must be [start, stop) with 0 <= start < stop <= "
+                    f"{len(test_labels)}, the test set's size"
+                )
             test_images, test_labels = test_images[start:stop], test_labels[start:stop]
         self.test_set = ImageSplit(test_images, test_labels)
         if self.val_size:

@@ -113,11 +113,18 @@ def _export(args: argparse.Namespace) -> None:
     print("wrote " + " and ".join(str(p) for p in (args.torchvision, args.safetensors) if p))
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints the whole usage before a mistake; main.py prints one line, and so do these commands."""
+
+    def error(self, message: str) -> None:
+        sys.exit(f"error: {message} (`{self.prog} --help` lists the commands and their options)")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = _OneLineErrors(
         prog="python -m resnet_lab.paper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = root.add_subparsers(dest="command", required=True)
+    commands = root.add_subparsers(dest="command", required=True, parser_class=_OneLineErrors)
 
     curves = commands.add_parser("curves", help="Fig. 1 / 6 error curves")
     curves.add_argument(

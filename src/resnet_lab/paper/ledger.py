@@ -289,6 +289,8 @@ def readme_block(table: str) -> str:
 
 def write_readme(readme: Path, table: str) -> None:
     """Replace the README's generated Results table (between its two markers) with `table`."""
+    if not readme.is_file():
+        raise ConfigError(f"--readme {readme}: no such file (give the README that holds the results markers)")
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise ConfigError(

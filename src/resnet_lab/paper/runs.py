@@ -81,6 +81,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
     """
     runs = []
     for path in paths:
+        if not path.exists():
+            raise DatasetNotFoundError(f"{path} does not exist: give run folders, or experiment folders under logs/")
         if (path / "config.yaml").is_file():
             ckpt = config_key(path / "config.yaml", "ckpt_path")
             if ckpt and not (path / "checkpoints").is_dir():
