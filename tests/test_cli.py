@@ -63,8 +63,15 @@ def test_presets_stack_on_an_experiment(preset, capsys):
         main(["fit", "--config", str(CONFIGS / "resnet110_cifar.yaml"), "--config", str(preset), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    for key, value in yaml.safe_load(preset.read_text())["trainer"].items():
-        assert printed["trainer"][key] == value
+
+    def assert_within(given: dict, printed: dict) -> None:
+        for key, value in given.items():
+            if isinstance(value, dict):
+                assert_within(value, printed[key])
+            else:
+                assert printed[key] == value, key
+
+    assert_within(yaml.safe_load(preset.read_text()), printed)
     assert printed["model"]["backbone"]["init_args"]["depth"] == 110
 
 

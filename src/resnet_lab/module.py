@@ -19,6 +19,8 @@ from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_m
 # Throughout, accuracies are fractions (`acc_*`, as torchmetrics gives them) and errors percentages (`err_*`, as the
 # paper's tables and figures state them).
 PROGRESS_BAR_METRICS = ("train/loss", "train/err_top1")
+# What `norm_and_bias_weight_decay` counts as normalization (torchvision's `set_weight_decay` takes the same).
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -59,6 +61,10 @@ class ImageClassifier(L.LightningModule):
         compile_backend: `torch.compile` backend: "inductor" generates kernels; "aot_eager" checks that the
             graph captures without generating any (quick, for debugging).
         train_metrics: the training metrics (`resnet_lab.metrics`); None: the loss and the top-1 accuracy.
+        label_smoothing: weight of the uniform distribution in the training loss's target (0.1 in torchvision's
+            recipe; 0, the paper, keeps the labels as they are). Validation and test losses are of the true labels.
+        norm_and_bias_weight_decay: weight decay of the normalization layers' parameters and of every bias; None
+            applies the optimizer's own to all parameters (the paper), 0.0 exempts them (torchvision's recipe).
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class ImageClassifier(L.LightningModule):
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         compile_backend: str = "inductor",
         train_metrics: list[TrainingMetric] | None = None,
+        label_smoothing: float = 0.0,
+        norm_and_bias_weight_decay: float | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -87,6 +95,10 @@ class ImageClassifier(L.LightningModule):
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.norm_and_bias_weight_decay = norm_and_bias_weight_decay
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -131,7 +143,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         means = self.train_means.update(logits, labels, loss)
         # Here rather than after the step, so that a checkpoint written after this iteration holds the window
         # already taken. Only the micro-batch that completes an optimizer step logs: the window then holds every
@@ -214,15 +226,33 @@ class ImageClassifier(L.LightningModule):
         if "train_means" in checkpoint:
             self.train_means.load_state_dict(checkpoint["train_means"])
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one, or with `norm_and_bias_weight_decay` set, the normalization
+        layers' parameters and every bias in a second group with that weight decay."""
+        if self.norm_and_bias_weight_decay is None:
+            return [{"params": list(self.parameters())}]
+        exempt = {
+            id(p)
+            for module in self.modules()
+            for name, p in module.named_parameters(recurse=False)
+            if isinstance(module, NORM_LAYERS) or name == "bias"
+        }
+        decayed = [p for p in self.parameters() if id(p) not in exempt]
+        exempted = [p for p in self.parameters() if id(p) in exempt]
+        return [{"params": decayed}, {"params": exempted, "weight_decay": self.norm_and_bias_weight_decay}]
+
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
         try:
-            optimizer = self.optimizer(self.parameters())
+            optimizer = self.optimizer(self.parameter_groups())
         except ValueError as err:  # torch checks its arguments: "Invalid learning rate: -0.1"
             raise ConfigError(f"the optimizer cannot be built: {err}; check --model.optimizer.init_args") from err
         if self.lr_scheduler is None:
             return optimizer
+        schedule = self.lr_scheduler(optimizer)
+        if getattr(schedule, "total_steps", 0) is None:  # a schedule whose length is the run's (WarmupCosineLR)
+            schedule.set_total_steps(int(self.trainer.estimated_stepping_batches))
         scheduler = {
-            "scheduler": self.lr_scheduler(optimizer),
+            "scheduler": schedule,
             "interval": self.scheduler_interval,
             "monitor": self.scheduler_monitor,
         }

@@ -1,5 +1,6 @@
 """Learning-rate schedules of the paper that torch.optim does not have as one class."""
 
+import math
 from bisect import bisect_right
 from collections.abc import Sequence
 
@@ -73,6 +74,61 @@ class WarmupMultiStepLR(LRScheduler):
         decay = self.gamma ** bisect_right(self.milestones, step)
         warming = self.warmup_end is None or step < self.warmup_end
         return decay * (self.warmup_factor if warming else 1.0)
+
+    def get_lr(self) -> list[float]:
+        return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]
+
+
+class WarmupCosineLR(LRScheduler):
+    """A linear warm-up from `warmup_factor` x the base lr to the base lr over `warmup_steps` steps, then a cosine
+    decay to zero at `total_steps` (Goyal et al. 2017; Loshchilov & Hutter 2017), stepped every iteration.
+
+    torch's LinearLR + CosineAnnealingLR in a SequentialLR do the same but need the cosine's length as a number, a
+    second copy of the run's length to keep in sync; here `total_steps: null` is the run's own (`ImageClassifier`
+    sets it to `trainer.estimated_stepping_batches`: `max_steps`, or the steps of `max_epochs`).
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: steps of the linear warm-up; 0 for none.
+        warmup_factor: multiplier of the base lr at the first step.
+        total_steps: the step at which the lr reaches zero; None: the run's length.
+        last_epoch: index of the last step, -1 to start.
+    """
+
+    # What `--schedule_scale` multiplies when given; the warm-up is left as the recipe states it.
+    scaled_arguments = ("total_steps",)
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        warmup_factor: float = 0.01,
+        total_steps: int | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = warmup_factor
+        self.total_steps: int | None = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+        super().__init__(optimizer, last_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The step at which the lr reaches zero (what `total_steps: null` leaves to the run)."""
+        if not 0 <= self.warmup_steps < total_steps:
+            raise ConfigError(
+                f"WarmupCosineLR needs 0 <= warmup_steps < total_steps: got {self.warmup_steps} warm-up steps in a "
+                f"schedule of {total_steps} (lower model.lr_scheduler.init_args.warmup_steps, or train longer)"
+            )
+        self.total_steps = total_steps
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_factor + (1.0 - self.warmup_factor) * step / self.warmup_steps
+        if self.total_steps is None:  # before the run's length is known: only while the optimizer is built
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
         return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]

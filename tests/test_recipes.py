@@ -1,0 +1,124 @@
+"""The recipe switches (issue 14), each a preset stacked on an experiment: every one fits a few real iterations and
+shows its effect."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import CONFIGS, QUIET, quiet_trainer
+from resnet_lab import ImageClassifier
+from resnet_lab.cli import ResNetLabCLI, main
+from resnet_lab.schedules import WarmupCosineLR
+
+PRESETS = CONFIGS / "presets"
+
+
+def experiment(cifar_root: Path, *presets: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """ResNet-8 on the small on-disk CIFAR with `presets` stacked on the ResNet-20 experiment."""
+    stacked = [flag for name in presets for flag in ("--config", str(PRESETS / f"{name}.yaml"))]
+    return ["--config", str(CONFIGS / "resnet20_cifar.yaml"), *stacked, "--data.root", str(cifar_root),
+            "--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
+            "--model.backbone.init_args.depth", "8", "--trainer.limit_val_batches", "1", *QUIET, *extra]  # fmt: skip
+
+
+class Oracle(nn.Module):
+    """Logits that rank the true class first by a wide margin: the label is written into each image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.margin = nn.Parameter(torch.tensor(30.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.margin * F.one_hot(x[:, 0, 0, 0].long(), 10).float()
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothing_keeps_the_loss_of_a_perfect_prediction_positive(tmp_path, smoothing):
+    labels = torch.arange(16) % 10
+    images = labels.float()[:, None, None, None].expand(16, 3, 4, 4).contiguous()
+    model = ImageClassifier(Oracle(), optimizer=torch.optim.SGD, label_smoothing=smoothing)
+    losses = Losses()
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[losses], limit_val_batches=0)
+    trainer.fit(model, DataLoader(TensorDataset(images, labels), batch_size=8))
+    expected = smoothing * (1 - 1 / 10) * 30.0  # the smoothed target's excess loss over a one-hot margin of 30
+    if smoothing:
+        assert losses.values[0] == pytest.approx(expected, rel=0.05) and losses.values[0] > 1.0
+    else:
+        assert losses.values[0] < 1e-9
+
+
+def test_cosine_follows_its_warmup_then_the_cosine_over_the_run(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    steps = ("--trainer.max_steps", "9", "--trainer.log_every_n_steps", "1")
+    main(["fit", *experiment(cifar_root, "cosine", extra=(*steps, "--model.lr_scheduler.init_args.warmup_steps", "3"))])
+    events = EventAccumulator(str(tmp_path / "logs" / "resnet20_cifar" / "version_0")).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("lr-SGD")]
+    schedule = WarmupCosineLR(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), 3, 0.01, total_steps=9)
+    expected = [0.1 * schedule.factor(step) for step in range(9)]  # 0.001, 0.034, 0.067, then the cosine
+    assert [step for step, _ in logged] == list(range(9))
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-5)
+    assert expected[3] == pytest.approx(0.1) and expected[-1] < 0.01  # the peak after warm-up; towards zero
+
+
+def test_cosine_takes_its_length_from_the_run_and_refuses_one_shorter_than_its_warmup(cifar_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: WarmupCosineLR needs 0 <= warmup_steps < total_steps: got 1000"):
+        main(["fit", *experiment(cifar_root, "cosine", extra=("--trainer.max_steps", "5"))])
+
+
+def test_no_norm_weight_decay_exempts_exactly_the_norm_parameters_and_the_biases(cifar_root):
+    cli = ResNetLabCLI(
+        args=experiment(cifar_root, "no_norm_weight_decay", extra=("--trainer.max_steps", "2")), run=False
+    )
+    decayed, exempt = cli.model.parameter_groups()
+    names = {id(p): n for n, p in cli.model.named_parameters()}
+    batchnorm = {n for n, m in cli.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    expected = {n for n in names.values() if n.rpartition(".")[0] in batchnorm or n.endswith(".bias")}
+    assert {names[id(p)] for p in exempt["params"]} == expected and "backbone.fc.bias" in expected
+    assert exempt["weight_decay"] == 0.0 and all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]  # the recipe's decay on the rest
+
+
+class GradientNorms(Callback):
+    """The gradients' global norm that the optimizer stepped with (after any clipping: the closure that computes
+    and clips them runs inside `optimizer.step`, so a post-hook sees them) and before Lightning clips them."""
+
+    def __init__(self) -> None:
+        self.before: list[float] = []
+        self.stepped: list[float] = []
+
+    @staticmethod
+    def norm(module: nn.Module) -> float:
+        return float(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].register_step_post_hook(lambda *_: self.stepped.append(self.norm(pl_module)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before.append(self.norm(pl_module))  # Lightning clips after this hook
+
+
+def test_grad_clip_bounds_the_gradient_norm(cifar_root):
+    cli = ResNetLabCLI(args=experiment(cifar_root, "grad_clip", extra=("--trainer.max_steps", "4")), run=False)
+    norms = GradientNorms()
+    cli.trainer.callbacks.append(norms)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(norms.stepped) == 4 and max(norms.stepped) <= 1.0 + 1e-4
+    assert max(norms.before) > 1.0  # the clip acted: these gradients are larger unclipped
