@@ -122,3 +122,27 @@ def test_grad_clip_bounds_the_gradient_norm(cifar_root):
     cli.trainer.fit(cli.model, cli.datamodule)
     assert len(norms.stepped) == 4 and max(norms.stepped) <= 1.0 + 1e-4
     assert max(norms.before) > 1.0  # the clip acted: these gradients are larger unclipped
+
+
+def test_ema_averages_the_weights_and_a_resume_goes_on_exactly(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = experiment(cifar_root, "ema", extra=("--trainer.limit_train_batches", "4", "--trainer.deterministic", "true"))
+    # Straight through 6 iterations (across an epoch boundary), keeping the state after iteration 3 as well.
+    every_3 = ["--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null"]
+    main(["fit", *run, "--trainer.max_steps", "6", *every_3])
+    straight = tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints"
+    main(["fit", *run, "--trainer.max_steps", "6", "--ckpt_path", str(straight / "best-step3.ckpt")])
+    ends = [
+        torch.load(folder / "last.ckpt", weights_only=False)
+        for folder in (straight, straight.parents[1] / "version_1" / "checkpoints")
+    ]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 6
+    for key in ("state_dict", "current_model_state"):  # the average, and the live weights beside it
+        for name, value in ends[0][key].items():
+            assert torch.equal(value, ends[1][key][name]), (key, name)
+    average, live = ends[0]["state_dict"], ends[0]["current_model_state"]
+    assert not torch.equal(average["backbone.fc.weight"], live["backbone.fc.weight"])
+    # Six updates of decay 0.999 leave the average near where training began (the average after iteration 3 stands
+    # in for the initial weights, which no file keeps), while the live weights have moved on.
+    early = torch.load(straight / "best-step3.ckpt", weights_only=False)["state_dict"]["backbone.conv1.weight"]
+    assert (average["backbone.conv1.weight"] - early).norm() < (live["backbone.conv1.weight"] - early).norm() / 10
