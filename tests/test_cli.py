@@ -66,7 +66,11 @@ def test_presets_stack_on_an_experiment(preset, capsys):
 
     def assert_within(given: dict, printed: dict) -> None:
         for key, value in given.items():
-            if isinstance(value, dict):
+            if key.endswith("+"):  # appended to the experiment's list: the list ends with it
+                tail = printed[key[:-1]][-len(value) :]
+                for item, shown in zip(value, tail, strict=True):
+                    assert_within(item, shown)
+            elif isinstance(value, dict):
                 assert_within(value, printed[key])
             else:
                 assert printed[key] == value, key

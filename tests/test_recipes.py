@@ -146,3 +146,35 @@ def test_ema_averages_the_weights_and_a_resume_goes_on_exactly(cifar_root, tmp_p
     # in for the initial weights, which no file keeps), while the live weights have moved on.
     early = torch.load(straight / "best-step3.ckpt", weights_only=False)["state_dict"]["backbone.conv1.weight"]
     assert (average["backbone.conv1.weight"] - early).norm() < (live["backbone.conv1.weight"] - early).norm() / 10
+
+
+@pytest.mark.parametrize(
+    ("preset", "transform"),
+    [("trivialaugment", "TrivialAugmentWide"), ("randaugment", "RandAugment"), ("autoaugment", "AutoAugment"),
+     ("random_erasing", "RandomErasing")],
+)  # fmt: skip
+def test_each_image_draws_its_own_augmentation_and_only_from_its_batch_key(cifar_root, preset, transform):
+    cli = ResNetLabCLI(args=experiment(cifar_root, preset), run=False)
+    augmentations = cli.datamodule.augmentations
+    assert type(augmentations[0]).__name__ == "PadCropFlip" and type(augmentations[-1]).__name__ == "EachImage"
+    assert type(augmentations[-1].transform).__name__ == transform  # after the paper's pad-crop-flip
+    each = augmentations[-1]
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+    batch = image.expand(64, 3, 32, 32).contiguous()  # one image, 64 times
+    key = 12345
+
+    def augmented(images: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        draws = each.draw(len(images) * world_size, torch.Generator().manual_seed(key))[rank::world_size]
+        return each.apply(images, draws)
+
+    out = augmented(batch)
+    distinct = {tuple(x.flatten().tolist()) for x in out}
+    assert len(distinct) > (8 if preset == "random_erasing" else 16)  # not one random op for the whole batch
+    assert torch.equal(out, augmented(batch))  # a function of the batch key: a resumed run redraws the same
+    torch.manual_seed(99)  # whatever the global generator holds
+    shares = [augmented(batch[r::2], rank=r, world_size=2) for r in (0, 1)]  # two processes, one global batch
+    assert torch.equal(torch.stack(shares, 1).flatten(0, 1), out)
+    if preset == "random_erasing":
+        erased = [(x == 0).all(dim=0).any() and not torch.equal(x, image) for x in out]
+        assert 16 < sum(erased) < 48  # about half, each with a black rectangle of its own

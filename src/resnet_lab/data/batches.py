@@ -13,6 +13,7 @@ had, and N processes together see exactly what one process with the global batch
 """
 
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -77,6 +78,40 @@ class PadCropFlip(BatchAugmentation):
 
     def apply(self, images: Tensor, draws: Tensor) -> Tensor:
         return random_crop_flip(images, self.padding, draws)
+
+
+class EachImage(BatchAugmentation):
+    """A torchvision transform of one image, applied to every image of the batch on its own, as torchvision's
+    references apply it (`RandAugment`, `TrivialAugmentWide`, `AutoAugment`, `RandomErasing`, ...): given the whole
+    batch, these draw one random operation for all of its images.
+
+    The transform draws its randomness from torch's global generator; each image gets a seed of its own from the
+    batch's key, so what it becomes depends only on (seed, epoch, batch, image), like every augmentation here: a run
+    resumed mid-epoch, or split over processes, sees the very same images. The seeds are drawn on the host (the
+    key is known there), so no iteration waits for the device; the transforms themselves draw on the host too.
+
+    Args:
+        transform: a `torchvision.transforms.v2` transform of one uint8 image [C, H, W].
+    """
+
+    def __init__(self, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        # Two such augmentations in one pipeline must not share their seeds.
+        self.salt = zlib.crc32(repr(transform).encode())
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """[batch_size, 1]: each image's seed, on the host."""
+        host = torch.Generator().manual_seed((generator.initial_seed() + self.salt) % 2**63)
+        return torch.randint(0, 2**62, (batch_size, 1), generator=host)
+
+    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
+        out = torch.empty_like(images)
+        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+            for i, seed in enumerate(draws[:, 0].tolist()):
+                torch.manual_seed(seed)
+                out[i] = self.transform(images[i])
+        return out
 
 
 def batch_key(seed: int, epoch: int, index: int) -> int:
