@@ -178,3 +178,34 @@ def test_each_image_draws_its_own_augmentation_and_only_from_its_batch_key(cifar
     if preset == "random_erasing":
         erased = [(x == 0).all(dim=0).any() and not torch.equal(x, image) for x in out]
         assert 16 < sum(erased) < 48  # about half, each with a black rectangle of its own
+
+
+@pytest.mark.parametrize("preset", ["mixup", "cutmix"])
+def test_mixing_gives_convex_combinations_of_neighbours_with_matching_soft_labels(cifar_root, preset):
+    from resnet_lab.data import BatchTransforms, MixBatch
+
+    cli = ResNetLabCLI(args=experiment(cifar_root, preset), run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    raw, labels, key = next(iter(data.train_dataloader()))
+    unmixed = [a for a in data.augmentations if not isinstance(a, MixBatch)]
+    before, _ = BatchTransforms(unmixed, data.normalize, 10)(raw, labels, key)  # the same draws, not mixed
+    images, soft = data.on_after_batch_transfer((raw, labels, key), 0)
+    assert soft.shape == (16, 10) and torch.allclose(soft.sum(dim=1), torch.ones(16))
+    neighbour = before.roll(1, 0)
+    own = soft[torch.arange(16), labels]  # each image's weight on its own label
+    other = labels != labels.roll(1, 0)  # images whose neighbour has another label show lambda plainly
+    lam = own[other][0]
+    assert torch.allclose(own[other], lam) and 0 < lam < 1  # one lambda for the whole batch
+    if preset == "mixup":
+        torch.testing.assert_close(images, lam * before + (1 - lam) * neighbour)
+    else:  # every pixel is the image's own or its neighbour's: a box of them, its area the neighbour's weight
+        assert ((images == before).all(dim=1) | (images == neighbour).all(dim=1)).all()
+        changed = (images != before).any(dim=1)[other]  # inside the box (where the two images differ)
+        rows, cols = changed.any(dim=2), changed.any(dim=1)
+        height = rows.shape[1] - rows.int().argmax(1) - rows.flip(1).int().argmax(1)
+        width = cols.shape[1] - cols.int().argmax(1) - cols.flip(1).int().argmax(1)
+        # One box for the batch; where the two images share zero padding its edge can hide, never grow.
+        area = height * width / 32**2
+        assert area.max() == pytest.approx(1 - float(lam), abs=1e-6) and (area <= 1 - lam + 1e-6).all()
+    assert torch.equal(data.on_after_batch_transfer((raw, labels, key), 0)[0], images)  # from the key alone

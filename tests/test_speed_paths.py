@@ -54,9 +54,9 @@ def test_device_batches_shuffle_per_epoch_reproducibly_and_shard():
     assert len(set(torch.cat(shards).tolist())) == 96
     evaluation = [torch.cat([y for _, y, _ in batches(train=False, rank=r, world_size=3)]) for r in range(3)]
     assert sorted(torch.cat(evaluation).tolist()) == list(range(100))
-    x, _, key = next(iter(batches(train=False)))
+    x, y, key = next(iter(batches(train=False)))
     normalize = Standardize(torch.zeros(1), torch.ones(1))
-    x = BatchTransforms([PadCropFlip(1)], normalize)(x, key)  # evaluation batches are not augmented
+    x, _ = BatchTransforms([PadCropFlip(1)], normalize, 10)(x, y, key)  # evaluation batches are not augmented
     assert x.dtype == torch.float32 and x[1, 0, 0, 0] == pytest.approx(1 / 255) and x[1].eq(1 / 255).all()
 
 
@@ -144,11 +144,11 @@ class Augmented:
         images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
         self.rank, self.world_size = rank, world_size
         self.loader = DeviceBatches(images, torch.arange(64), BatchOrder(64, batch_size, True, 5, rank, world_size))
-        self.transforms = BatchTransforms([PadCropFlip(2)], Standardize(torch.zeros(1), torch.ones(1)))
+        self.transforms = BatchTransforms([PadCropFlip(2)], Standardize(torch.zeros(1), torch.ones(1)), 64)
 
     def __iter__(self):  # noqa: ANN204
         for images, labels, key in self.loader:
-            yield self.transforms(images, key, self.rank, self.world_size), labels
+            yield self.transforms(images, labels, key, self.rank, self.world_size)
 
 
 def test_processes_share_each_global_batch_and_its_augmentation():

@@ -75,7 +75,9 @@ class TrainingMeans:
         self.images = [0, 0]  # window, epoch
 
     def update(self, logits: Tensor, labels: Tensor, loss: Tensor) -> Tensor:
-        """Add one batch; returns its per-image means, in the order of `metrics`."""
+        """Add one batch; returns its per-image means, in the order of `metrics`. Labels mixed into class
+        probabilities (`MixBatch`) count as the class of the larger weight."""
+        labels = labels.argmax(dim=1) if labels.ndim == 2 else labels
         values = torch.stack([m.batch_sum(logits, labels, loss) for m in self.metrics])
         if self.sums.device != values.device:
             self.sums = self.sums.to(values.device)

@@ -1,5 +1,12 @@
 from resnet_lab.data.base import DATA_ENV, ClassificationDataModule
-from resnet_lab.data.batches import BatchAugmentation, BatchTransforms, EachImage, InMemoryDataModule, PadCropFlip
+from resnet_lab.data.batches import (
+    BatchAugmentation,
+    BatchTransforms,
+    EachImage,
+    InMemoryDataModule,
+    MixBatch,
+    PadCropFlip,
+)
 from resnet_lab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, load_cifar_batches
 from resnet_lab.data.imagenet import ImageAugmentation, ImageNetDataModule, InceptionAugmentation, PaperAugmentation
 from resnet_lab.data.synthetic import SyntheticDataModule
@@ -10,6 +17,7 @@ __all__ = [
     "BatchTransforms",
     "InMemoryDataModule",
     "EachImage",
+    "MixBatch",
     "PadCropFlip",
     "PaperAugmentation",
     "CIFAR10DataModule",

@@ -114,6 +114,39 @@ class EachImage(BatchAugmentation):
         return out
 
 
+class MixBatch(BatchAugmentation):
+    """A torchvision transform that mixes the images of a batch and their labels: `MixUp`, `CutMix`, or a
+    `RandomChoice` of them. The labels become class probabilities, which the training loss takes as they are; the
+    logged training error counts an image right when its top logit is the label of the larger weight.
+
+    `BatchTransforms` applies it after the other augmentations and the normalisation: a convex combination of
+    images, or a pasted rectangle, normalises to the same combination of the normalised images, and torchvision's
+    mixing wants float images. Its draws (lambda, CutMix's box) are one per global batch, from the batch's key; each
+    process mixes its own share, each image with the one before it, as torchvision's references do under data
+    parallelism.
+
+    Args:
+        transform: e.g. `torchvision.transforms.v2.MixUp` with `alpha: 0.2`, or `CutMix` with `alpha: 1.0`.
+    """
+
+    def __init__(self, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        self.salt = zlib.crc32(repr(transform).encode())
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """[batch_size, 1]: the batch's seed, in every row (each process takes a share of the rows)."""
+        return torch.full((batch_size, 1), (generator.initial_seed() + self.salt) % 2**62)
+
+    def mix(self, images: Tensor, labels: Tensor, draws: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Float images [B, C, H, W] and labels [B] (or probabilities [B, classes]) of one share, mixed."""
+        if labels.ndim == 1:
+            labels = F.one_hot(labels, num_classes).to(images.dtype)
+        with torch.random.fork_rng(devices=[]):  # torchvision draws on the host, from the global generator
+            torch.manual_seed(int(draws[0, 0]) if len(draws) else 0)
+            return self.transform(images, labels)
+
+
 def batch_key(seed: int, epoch: int, index: int) -> int:
     """One seed per (seed, epoch, batch), by arithmetic: the same on every platform, no state to replay."""
     return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
@@ -121,28 +154,39 @@ def batch_key(seed: int, epoch: int, index: int) -> int:
 
 class BatchTransforms(nn.Module):
     """The one place a CIFAR-style batch is transformed: each augmentation in order (training batches only), then
-    the normalisation of the [0, 1] float images.
+    the normalisation of the [0, 1] float images, then any `MixBatch` (which mixes the labels too).
 
     Args:
         augmentations: applied in order to training batches.
         normalize: applied to every batch.
+        num_classes: the labels' classes, for mixing them.
     """
 
-    def __init__(self, augmentations: Sequence[BatchAugmentation], normalize: Standardize) -> None:
+    def __init__(self, augmentations: Sequence[BatchAugmentation], normalize: Standardize, num_classes: int) -> None:
         super().__init__()
         self.augmentations = nn.ModuleList(augmentations)
         self.normalize = normalize
+        self.num_classes = num_classes
 
-    def forward(self, images: Tensor, key: int, rank: int = 0, world_size: int = 1) -> Tensor:
-        """`images`: this process's uint8 share of a global batch, whose images are `rank::world_size`."""
+    def forward(
+        self, images: Tensor, labels: Tensor, key: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """`images`, `labels`: this process's uint8 share of a global batch, whose images are `rank::world_size`."""
+        mixes = []
         if key != NO_AUGMENTATION and len(self.augmentations):
             generator = torch.Generator(device=images.device).manual_seed(key)
             for augmentation in self.augmentations:
                 draws = augmentation.draw(len(images) * world_size, generator)[rank::world_size]
-                images = augmentation.apply(images, draws)
+                if isinstance(augmentation, MixBatch):
+                    mixes.append((augmentation, draws))
+                else:
+                    images = augmentation.apply(images, draws)
         if self.normalize.mean.device != images.device:
             self.normalize.to(images.device)
-        return self.normalize(images.float().div_(255))
+        images = self.normalize(images.float().div_(255))
+        for mix, draws in mixes:
+            images, labels = mix.mix(images, labels, draws, self.num_classes)
+        return images, labels
 
 
 class BatchOrder(DistributedSampler):
@@ -316,7 +360,7 @@ class InMemoryDataModule(ClassificationDataModule):
     @property
     def batch_transforms(self) -> BatchTransforms:
         if self._transforms is None or self._transforms.normalize is not self.normalize:
-            self._transforms = BatchTransforms(self.augmentations, self.normalize)
+            self._transforms = BatchTransforms(self.augmentations, self.normalize, self.num_classes)
         return self._transforms
 
     def _share(self) -> tuple[int, int]:
@@ -339,4 +383,4 @@ class InMemoryDataModule(ClassificationDataModule):
         if not (isinstance(batch, tuple | list) and len(batch) == 3 and isinstance(batch[2], int)):
             return batch
         images, labels, key = batch
-        return self.batch_transforms(images, key, *self._share()), labels
+        return self.batch_transforms(images, labels, key, *self._share())
