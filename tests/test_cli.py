@@ -48,6 +48,11 @@ def test_every_config_parses_and_instantiates(config, cifar_root, imagenet_root)
         assert optimizer.defaults["lr"] == 0.1 and optimizer.defaults["weight_decay"] == 1e-4
         assert cli.datamodule.batch_size == 128 and cli.trainer.max_steps == 64000
         scheduler = cli.model.lr_scheduler(optimizer)
+        if not cli.config.paper_recipe:  # a modern recipe over the paper's: its switches, and said so
+            assert type(scheduler).__name__ == "WarmupCosineLR" and cli.model.label_smoothing == 0.1
+            assert [type(a).__name__ for a in cli.datamodule.augmentations] == ["PadCropFlip", "EachImage"]
+            assert "EMAWeightAveraging" in [type(c).__name__ for c in cli.trainer.callbacks]
+            return
         assert scheduler.milestones == [32000, 48000] or list(scheduler.milestones) == [32000, 48000]
         assert cli.model.scheduler_interval == "step"
         warmup = getattr(scheduler, "warmup_steps", 0)

@@ -373,3 +373,16 @@ def test_figures_read_at_any_length():
     for ax in (top, bottom):
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)  # layers are counted: no 2.5
+
+
+def test_the_paper_figure_is_never_shown_beside_a_recipe_switch(tmp_path):
+    paper_run = fake_run(tmp_path / "resnet20_cifar" / "seed0", 20, 8.5)
+    switched = fake_run(tmp_path / "resnet20_cifar_cosine" / "seed0", 20, 7.9)
+    config = yaml.safe_load((switched / "config.yaml").read_text()) | {"paper_recipe": False}  # as presets set it
+    (switched / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = {
+        row.split("|")[1].strip(): row.split("|")
+        for row in results_table(find_runs([paper_run, switched])).splitlines()[2:]
+    }
+    assert rows["resnet20_cifar"][-3].strip() == "8.75"  # the paper's ResNet-20
+    assert rows["resnet20_cifar_cosine"][-3].strip() == ""

@@ -145,15 +145,23 @@ class ResNetLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--recipe",
-            type=str | None,
+            type=str | list[str] | None,
             default=None,
-            help="in a config file: the recipe it stacks on (a config file, relative to this one), read before it",
+            help="in a config file: the recipe it stacks on (a config file, relative to this one), read before it; or "
+            "a list of them, read in order (a recipe and presets)",
         )
         parser.add_argument(
             "--experiment",
             type=str | None,
             default=None,
             help="the run folder's name under logs/ (each experiment config sets it; default: the first --config)",
+        )
+        parser.add_argument(
+            "--paper_recipe",
+            type=bool,
+            default=True,
+            help="whether the run trains the paper's recipe; every recipe-switch preset (configs/presets/) and the "
+            "modern experiments set it false, and the paper's figure is then never shown beside the run's",
         )
         parser.add_argument(
             "--schedule_scale",

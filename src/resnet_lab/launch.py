@@ -50,10 +50,27 @@ def check_config_file(config: Path) -> None:
         raise ConfigError(f"--config {config} must hold `key: value` settings, not a {type(content).__name__}")
 
 
-def _recipe_of(config: Path) -> Path | None:
+def _recipes_of(config: Path) -> list[Path]:
+    """The recipes a config names, `recipe: R` or `recipe: [R, P, ...]`, as paths relative to its folder."""
     check_config_file(config)
     recipe = config_key(config, "recipe")
-    return (config.parent / recipe) if recipe else None
+    return [config.parent / r for r in ([recipe] if isinstance(recipe, str) else recipe or [])]
+
+
+def _recipe_chain(config: Path, path: str, seen: tuple[Path, ...] = ()) -> list[Path]:
+    """Every recipe `config` stacks on, each after its own, in the order named (for `--config path`)."""
+    chain = []
+    for recipe in _recipes_of(config):
+        if not recipe.is_file():
+            raise ConfigError(
+                f"{config} names the recipe {recipe}, which does not exist (a recipe path is read relative to "
+                "the folder of the config that names it). A config that already holds every value, like one "
+                "printed by --print_config, needs none: set `recipe: null` in it"
+            )
+        if recipe.resolve() in seen or recipe.resolve() == config.resolve():
+            raise ConfigError(f"the recipes of {path} name each other in a circle ({recipe})")
+        chain += [*_recipe_chain(recipe, path, (*seen, config.resolve())), recipe]
+    return chain
 
 
 def _config_files(args: list[str]) -> list[str]:
@@ -93,7 +110,7 @@ def experiment_config(args: list[str]) -> str | None:
 def expand_recipes(args: list[str]) -> list[str]:
     """Put each config's recipe before it: `--config E` whose file says `recipe: R` (a path relative to E) becomes
     `--config R --config E`, recursively, so that an experiment is a few lines over its family's recipe and any
-    later `--config` or option still overrides both.
+    later `--config` or option still overrides both. `recipe: [R, P]` stacks R, then P (a preset, say), then E.
 
     The recipes go before the first `--config`, so that a preset given before its experiment (`--config
     presets/debug.yaml --config resnet20_cifar.yaml`) still overrides the experiment's recipe, as it would after it.
@@ -109,19 +126,7 @@ def expand_recipes(args: list[str]) -> list[str]:
             expanded.append(arg)
             i += 1
             continue
-        chain, seen = [Path(path)], {Path(path).resolve()}
-        while (recipe := _recipe_of(chain[0])) is not None:
-            if not recipe.is_file():
-                raise ConfigError(
-                    f"{chain[0]} names the recipe {recipe}, which does not exist (a recipe path is read relative to "
-                    "the folder of the config that names it). A config that already holds every value, like one "
-                    "printed by --print_config, needs none: set `recipe: null` in it"
-                )
-            if recipe.resolve() in seen:
-                raise ConfigError(f"the recipes of {path} name each other in a circle ({recipe})")
-            seen.add(recipe.resolve())
-            chain.insert(0, recipe)
-        recipes += [str(config) for config in chain[:-1] if str(config) not in recipes]
+        recipes += [str(r) for r in _recipe_chain(Path(path), path) if str(r) not in recipes]
         first = len(expanded) if first is None else first
         expanded += ["--config", path]
     if first is not None:
@@ -360,6 +365,7 @@ NOT_OVERRIDES = (
     "ckpt_path",
     "seed_everything",
     "schedule_scale",
+    "paper_recipe",
     "test_after_fit",
     "data.init_args.root",
     "data.init_args.loader",

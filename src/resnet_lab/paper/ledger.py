@@ -25,6 +25,7 @@ COLUMNS = (
     "network",
     "backbone",
     "overrides",
+    "paper_recipe",
     "seed",
     "iterations",
     "planned_iterations",
@@ -133,6 +134,7 @@ def ledger_rows(run: Run) -> list[dict]:
         "run_id": info["run_id"],
         "experiment": info.get("experiment") or run.experiment,
         "network": network_name(run.backbone),
+        "paper_recipe": str(run.paper_recipe).lower(),
         "backbone": json.dumps(run.backbone, sort_keys=True, default=str),
         # None: the run named no experiment config to compare with. Filtered again for a run.json written under an
         # older list of what counts as an override.
@@ -263,6 +265,7 @@ def results_table(rows: list[dict]) -> str:
         top5 = [float(r["test_err_top5"]) for r in group if r["test_err_top5"]]
         val = [float(r["val_err"]) for r in group if r["val_err"]]
         paper = paper_errors(json.loads(first["backbone"]), first["dataset"])
+        paper = paper if first.get("paper_recipe", "true") == "true" else None
         experiment = first["experiment"] + (f" ({first['overrides']})" if first["overrides"] else "")
         cells = [
             first["dataset"],

@@ -54,6 +54,11 @@ class Run:
         return name.removesuffix("DataModule").lower() or name.lower()
 
     @property
+    def paper_recipe(self) -> bool:
+        """Whether the run trained the paper's recipe (`paper_recipe: false` in a recipe-switch preset's config)."""
+        return bool(self.config.get("paper_recipe", True))
+
+    @property
     def backbone(self) -> dict:
         backbone = self.config["model"]["backbone"]
         return {"class": backbone["class_path"].rsplit(".", 1)[-1], **backbone.get("init_args", {})}

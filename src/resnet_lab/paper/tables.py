@@ -122,7 +122,7 @@ def results_table(runs: list[Run]) -> str:
         top5 = [v for v in (r.last("test/err_top5") for r in finished) if v is not None]
         backbone = group[0].backbone
         params = count_parameters(group[0])
-        paper = paper_errors(backbone, group[0].dataset)
+        paper = paper_errors(backbone, group[0].dataset) if group[0].paper_recipe else None
         cells = [
             name,
             network_name(backbone),
