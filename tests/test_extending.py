@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUIET, REPO
@@ -61,7 +62,11 @@ def check_augmentation(run: Path) -> None:
     out = cutout.apply(images, cutout.draw(4, torch.Generator().manual_seed(0)))
     zeros = (out == 0).flatten(1).sum(1)
     assert ((zeros > 0) & (zeros <= 3 * 9 * 9)).all()  # a square of at most 9 x 9 pixels in each image
-    assert "myfork.augment.Cutout" in (run / "config.yaml").read_text()
+    cutout_run, augmix_run = sorted(run.parent.glob("version_*"))  # the two commands, in order
+    assert "myfork.augment.Cutout" in (cutout_run / "config.yaml").read_text()
+    augmentations = yaml.safe_load((augmix_run / "config.yaml").read_text())["data"]["init_args"]["augmentations"]
+    assert [a["class_path"] for a in augmentations] == ["resnet_lab.data.PadCropFlip", "resnet_lab.data.EachImage"]
+    assert augmentations[1]["init_args"]["transform"]["class_path"] == "torchvision.transforms.v2.AugMix"
 
 
 def check_schedule(run: Path) -> None:
