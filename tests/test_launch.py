@@ -162,7 +162,8 @@ def test_each_experiment_is_a_few_lines_over_its_recipe(config):
     named = yaml.safe_load(config.read_text())
     assert named["experiment"] == config.stem
     if "recipe" in named:
-        assert (config.parent / named["recipe"]).is_file() and len(settings) <= 22
+        recipes = named["recipe"] if isinstance(named["recipe"], list) else [named["recipe"]]
+        assert all((config.parent / r).is_file() for r in recipes) and len(settings) <= 22
 
 
 def test_the_run_is_named_by_its_config_not_by_its_file_name(cifar_root, tmp_path, monkeypatch):
