@@ -7,6 +7,7 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
@@ -441,6 +442,7 @@ def main(args: ArgsType = None) -> None:
     try:
         ResNetLabCLI(args=args)
     except Exception as err:
+        _close_process_group()
         mistake = user_error(err)
         mistake = error_message(mistake) if mistake is not None else None
         if mistake is None and isinstance(err, MisconfigurationException):
@@ -452,3 +454,11 @@ def main(args: ArgsType = None) -> None:
         if mistake is None:
             raise
         sys.exit(f"error: {mistake}")
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy a data-parallel run's process group before the interpreter exits: left to the interpreter's own
+    teardown, gloo's aborted a process at exit now and then ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
