@@ -209,3 +209,48 @@ def test_mixing_gives_convex_combinations_of_neighbours_with_matching_soft_label
         area = height * width / 32**2
         assert area.max() == pytest.approx(1 - float(lam), abs=1e-6) and (area <= 1 - lam + 1e-6).all()
     assert torch.equal(data.on_after_batch_transfer((raw, labels, key), 0)[0], images)  # from the key alone
+
+
+def test_repeated_augmentation_deals_each_image_s_copies_out_over_the_processes():
+    from collections import Counter
+
+    from resnet_lab.data.base import RepeatedAugmentationSampler
+
+    shares = [RepeatedAugmentationSampler(512, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    drawn = [list(s) for s in shares]
+    assert [len(d) for d in drawn] == [256, 256]  # an epoch stays one pass of images over both processes
+    for share in drawn:
+        assert set(Counter(share).values()) <= {1, 2}  # of an image's 4 copies, at most 2 on each process
+    assert len(set(drawn[0]) & set(drawn[1])) > 100  # the same images, augmented on both processes
+    shares[0].set_epoch(1)
+    assert list(shares[0]) != drawn[0] and list(shares[0]) == list(shares[0])  # a new order each epoch, seeded
+
+
+def test_torchvision_s_resnet50_recipe_mixes_repeats_and_crops_as_it_says(imagenet_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "resnet50_imagenet_tv2.yaml"), "--data.root", str(imagenet_root),
+            "--data.crop_size", "64", "--data.eval_crop_size", "80", "--data.val_resize", "88",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--model.lr_scheduler.init_args.warmup_steps", "1",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            *QUIET]  # fmt: skip
+    cli = ResNetLabCLI(args=args, run=False)
+    assert cli.config.paper_recipe is False and cli.model.label_smoothing == 0.1
+
+    class Batches(Callback):
+        def __init__(self) -> None:
+            self.train, self.val = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.train.append(batch)
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            self.val.append(batch)
+
+    seen = Batches()
+    cli.trainer.callbacks.append(seen)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    images, labels = seen.train[0]
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4, 6)  # mixed: class probabilities
+    assert torch.allclose(labels.sum(dim=1), torch.ones(4))
+    assert seen.val[0][0].shape[-2:] == (80, 80) and seen.val[0][1].ndim == 1  # evaluated at its own crop, unmixed
+    assert type(cli.trainer.train_dataloader.sampler).__name__ == "RepeatedAugmentationSampler"

@@ -8,7 +8,13 @@ from resnet_lab.data.batches import (
     PadCropFlip,
 )
 from resnet_lab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, load_cifar_batches
-from resnet_lab.data.imagenet import ImageAugmentation, ImageNetDataModule, InceptionAugmentation, PaperAugmentation
+from resnet_lab.data.imagenet import (
+    ImageAugmentation,
+    ImageNetDataModule,
+    InceptionAugmentation,
+    PaperAugmentation,
+    TorchvisionRecipeAugmentation,
+)
 from resnet_lab.data.synthetic import SyntheticDataModule
 
 __all__ = [
@@ -27,5 +33,6 @@ __all__ = [
     "ImageNetDataModule",
     "InceptionAugmentation",
     "SyntheticDataModule",
+    "TorchvisionRecipeAugmentation",
     "load_cifar_batches",
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from resnet_lab.errors import ConfigError
 
@@ -50,6 +50,38 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"val_size must be in [0, {n}), got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:], perm[:val_size]
+
+
+class RepeatedAugmentationSampler(DistributedSampler):
+    """Repeated augmentation (Hoffer et al. 2020), as torchvision's ResNet-50 recipe trains with it: each epoch
+    draws a seeded permutation, repeats every image `repetitions` times and deals the copies out over the processes
+    (so one image's copies are augmented on different processes), and each process keeps the first
+    `len(dataset) // 256 * 256 // world_size` of its share, so an epoch stays about one pass of images.
+
+    torchvision keeps its `RASampler` in its training references, not in the library; this follows it. A
+    `DistributedSampler`, so that Lightning does not wrap it in one of its own.
+
+    Args:
+        size: images in the split.
+        repetitions: copies of each drawn image per epoch (4 in torchvision's recipe).
+        seed: the permutation of epoch e uses seed + e.
+        rank, world_size: this process's share.
+    """
+
+    def __init__(self, size: int, repetitions: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.repetitions, self.seed = size, repetitions, seed
+        self.rank, self.num_replicas, self.epoch, self.shuffle, self.drop_last = rank, world_size, 0, True, True
+        self.total_size = -(-size * repetitions // world_size) * world_size
+        self.num_samples = size // 256 * 256 // world_size if size >= 256 else max(1, size // world_size)
+
+    def __iter__(self):  # noqa: ANN204
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).repeat_interleave(self.repetitions).tolist()
+        order += order[: self.total_size - len(order)]  # as many for every process
+        return iter(order[self.rank : self.total_size : self.num_replicas][: self.num_samples])
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -97,9 +129,14 @@ class ClassificationDataModule(L.LightningDataModule):
         """How evaluation samples form a batch; None stacks them."""
         return None
 
+    def train_sampler(self, dataset: Dataset) -> DistributedSampler | None:
+        """The training sampler; None: Lightning's own (shuffled, and split over the processes)."""
+        return None
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        sampler = self.train_sampler(dataset) if train else None
         if train and self.num_workers == 0 and self.trainer is not None and self.trainer.world_size > 1:
             # Without workers the transforms draw from this process's global RNG, seeded alike on every process:
             # give each its own stream, or the i-th image of every share would get the same crop and flip.
@@ -107,7 +144,8 @@ class ClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.process_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             collate_fn=None if train else self.eval_collate_fn(),
             num_workers=self.num_workers,

@@ -2,21 +2,25 @@
 
 import logging
 import multiprocessing
+import os
 import warnings
 from collections.abc import Callable
+from copy import deepcopy
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from resnet_lab.data.base import ClassificationDataModule, resolve_root
+from resnet_lab.data.base import ClassificationDataModule, RepeatedAugmentationSampler, resolve_root
+from resnet_lab.data.batches import MixBatch, batch_key
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,10 @@ class ImageAugmentation:
     def build(self, crop_size: int) -> nn.Module:
         raise NotImplementedError
 
+    def after_normalization(self) -> list[nn.Module]:
+        """Transforms of the normalised image (random erasing, which erases to the mean there); none by default."""
+        return []
+
 
 class PaperAugmentation(ImageAugmentation):
     """The paper's ImageNet augmentation (Sec. 3.4): the shorter side resized to a random size in `scale_range`, a
@@ -123,6 +131,38 @@ class InceptionAugmentation(ImageAugmentation):
                 v2.ToDtype(torch.float32, scale=True),
             ]
         )
+
+
+class TorchvisionRecipeAugmentation(ImageAugmentation):
+    """The training transform of torchvision's classification references (ResNet-50 IMAGENET1K_V2): a random
+    resized crop and a flip, TrivialAugmentWide, both with bilinear interpolation, and after the normalisation a
+    random erasing with probability `erasing_p`.
+
+    Args:
+        area_range: the crop's share of the image's area.
+        trivial_augment: apply TrivialAugmentWide.
+        erasing_p: probability of the random erasing (0.1 in the recipe; 0 for none).
+    """
+
+    def __init__(
+        self, area_range: tuple[float, float] = (0.08, 1.0), trivial_augment: bool = True, erasing_p: float = 0.1
+    ) -> None:
+        self.area_range = tuple(area_range)
+        self.trivial_augment = trivial_augment
+        self.erasing_p = erasing_p
+
+    def build(self, crop_size: int) -> nn.Module:
+        bilinear = v2.InterpolationMode.BILINEAR
+        steps = [
+            v2.RandomResizedCrop(crop_size, scale=self.area_range, interpolation=bilinear, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if self.trivial_augment:
+            steps.append(v2.TrivialAugmentWide(interpolation=bilinear))
+        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+
+    def after_normalization(self) -> list[nn.Module]:
+        return [v2.RandomErasing(p=self.erasing_p)] if self.erasing_p > 0 else []
 
 
 class TenCropViews(nn.Module):
@@ -177,6 +217,15 @@ class ImageFolderDataset(ImageFolder):
         self.skip_corrupt = skip_corrupt
         self.skipped = multiprocessing.Value("l", 0)
 
+    def __deepcopy__(self, memo: dict) -> "ImageFolderDataset":
+        # A copy counts into the same shared counter (which cannot be copied); Lightning's EMAWeightAveraging
+        # deep-copies the LightningModule, and with it whatever reaches this dataset.
+        copy = type(self).__new__(type(self))
+        memo[id(self)] = copy
+        for key, value in self.__dict__.items():
+            setattr(copy, key, value if key == "skipped" else deepcopy(value, memo))
+        return copy
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
@@ -213,6 +262,7 @@ class ImageNetDataModule(ClassificationDataModule):
         train_augmentation: the per-image training augmentation; None: the paper's (`PaperAugmentation`, shorter
             side 256-480, random crop, flip, PCA colour noise); `InceptionAugmentation` for RandomResizedCrop.
         crop_size: training and evaluation crop (224 in the paper; smaller makes research runs cheaper).
+        eval_crop_size: the evaluation crop, if another (torchvision's recipe trains at 176 and evaluates at 224).
         val_resize: shorter side before the centre crop or the ten crops.
         eval_mode: how `validate` and `test` view each image: "center" (one centre crop), "ten_crop" (4 corners
             + centre and their flips, softmax averaged; Tables 2-3), "multi_scale" (the whole image fully
@@ -220,6 +270,10 @@ class ImageNetDataModule(ClassificationDataModule):
         test_scales: shorter sides of the "multi_scale" mode.
         skip_corrupt: replace unreadable images by the next readable one and report how many, instead of stopping.
         num_workers: decoding processes; None follows the machine.
+        mixing: mixes every training batch and its labels after the transfer (`MixBatch` with mixup, cutmix or a
+            `RandomChoice` of both), one draw per iteration from (seed, epoch, iteration); None for none.
+        repeated_augmentations: copies of each image per epoch, dealt out over the processes
+            (`RepeatedAugmentationSampler`; 4 in torchvision's recipe); 1 for plain shuffling.
     """
 
     def __init__(
@@ -233,10 +287,18 @@ class ImageNetDataModule(ClassificationDataModule):
         test_scales: tuple[int, ...] = PAPER_TEST_SCALES,
         skip_corrupt: bool = False,
         num_workers: int | None = None,
+        eval_crop_size: int | None = None,
+        mixing: MixBatch | None = None,
+        repeated_augmentations: int = 1,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        if val_resize < crop_size:
-            raise ConfigError(f"val_resize {val_resize} must be at least crop_size {crop_size}")
+        self.eval_crop_size = crop_size if eval_crop_size is None else eval_crop_size
+        if val_resize < self.eval_crop_size:
+            raise ConfigError(f"val_resize {val_resize} must be at least the evaluation crop {self.eval_crop_size}")
+        if repeated_augmentations < 1:
+            raise ConfigError(f"repeated_augmentations must be at least 1, got {repeated_augmentations}")
+        self.mixing = mixing
+        self.repeated_augmentations = repeated_augmentations
         self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
         self.classes = class_folders(self.root / "train")
         self.num_classes = len(self.classes)
@@ -251,13 +313,16 @@ class ImageNetDataModule(ClassificationDataModule):
         self.skip_corrupt = skip_corrupt
 
     def train_transform(self) -> v2.Compose:
-        return v2.Compose([self.train_augmentation.build(self.crop_size), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        augmentation = self.train_augmentation
+        normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        return v2.Compose([augmentation.build(self.crop_size), normalize, *augmentation.after_normalization()])
 
     def eval_transform(self) -> v2.Compose:
         to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         if self.eval_mode == "multi_scale":
             return v2.Compose([MultiScaleViews(self.test_scales), EachView(to_input)])
-        crop = TenCropViews(self.crop_size) if self.eval_mode == "ten_crop" else v2.CenterCrop(self.crop_size)
+        size = self.eval_crop_size
+        crop = TenCropViews(size) if self.eval_mode == "ten_crop" else v2.CenterCrop(size)
         return v2.Compose([v2.Resize(self.val_resize, antialias=True), crop, to_input])
 
     def _folder(self, split: str, transform: nn.Module) -> ImageFolderDataset:
@@ -271,6 +336,24 @@ class ImageNetDataModule(ClassificationDataModule):
             self.train_set = self._folder("train", self.train_transform())
         # The ILSVRC validation set doubles as the test set: the paper's tables report it.
         self.val_set = self.test_set = self._folder("val", self.eval_transform())
+
+    def train_sampler(self, dataset: Dataset) -> RepeatedAugmentationSampler | None:
+        if self.repeated_augmentations == 1:
+            return None
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, seed, rank, world_size)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        # Lightning also passes the model's example input through here, a bare tensor: only training batches mix.
+        if self.mixing is None or trainer is None or not trainer.training or not isinstance(batch, tuple | list):
+            return batch
+        images, labels = batch
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        generator = torch.Generator().manual_seed(batch_key(seed, trainer.current_epoch, trainer.global_step))
+        draws = self.mixing.draw(len(images) * trainer.world_size, generator)[trainer.global_rank :: trainer.world_size]
+        return self.mixing.mix(images, labels, draws, self.num_classes)
 
     def eval_collate_fn(self) -> Callable | None:
         # Whole images at several scales differ in size: such batches are lists, one list of views per image.
