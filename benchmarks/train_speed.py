@@ -32,11 +32,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from torchvision.transforms import v2
 
 from resnet_lab import CifarResNet, ImageClassifier, ImageNetResNet
 from resnet_lab.callbacks import (
+    EMA,
     CheckpointOnSignal,
     PeriodicCheckpoint,
     SpeedMonitor,
@@ -293,7 +294,7 @@ def compare_recipe(device, precision, batch, steps, warmup, rounds, compile_mode
         stream = cifar_stream(device, batch, steps, augmentations=augmentations)
         return lightning_rate(CifarResNet(20), stream, device, precision, warmup, batch, compile_mode, extra)
 
-    ours, paper = best_of(rounds, lambda: rate(modern, (EMAWeightAveraging(decay=0.999),)), lambda: rate(None, ()))
+    ours, paper = best_of(rounds, lambda: rate(modern, (EMA(decay=0.999),)), lambda: rate(None, ()))
     return {
         "figure": f"fit throughput, CIFAR ResNet-20, batch {batch}, trivialaugment + mixup + ema presets",
         "ours": ours,

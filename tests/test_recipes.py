@@ -254,3 +254,28 @@ def test_torchvision_s_resnet50_recipe_mixes_repeats_and_crops_as_it_says(imagen
     assert torch.allclose(labels.sum(dim=1), torch.ones(4))
     assert seen.val[0][0].shape[-2:] == (80, 80) and seen.val[0][1].ndim == 1  # evaluated at its own crop, unmixed
     assert type(cli.trainer.train_dataloader.sampler).__name__ == "RepeatedAugmentationSampler"
+
+
+def test_our_ema_averages_as_torch_s_without_reading_its_count_from_the_device():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from resnet_lab.callbacks import _HostCountAveragedModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.randn(2, 3, 8, 8))
+    ours = _HostCountAveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    torch_s = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net.train()(torch.randn(4, 3, 8, 8))  # moves the BN statistics, which are averaged too
+        ours.update_parameters(net)
+        torch_s.update_parameters(net)
+    assert ours.host_count == int(ours.n_averaged) == 5
+    for a, b in zip(ours.state_dict().values(), torch_s.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    resumed = _HostCountAveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    resumed.load_state_dict(ours.state_dict())
+    assert resumed.host_count == 5  # a resume goes on averaging rather than copying afresh

@@ -9,9 +9,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from resnet_lab.errors import ConfigError, UserError
 
@@ -368,3 +371,75 @@ class ThrottledProgressBar(TQDMProgressBar):
         if not bar.disable and bar.n != self._batches_done:
             bar.n = self._batches_done
             bar.refresh()
+
+
+class _HostCountAveragedModel(AveragedModel):
+    """torch's AveragedModel, keeping its number of updates on the host as well: its own `update_parameters` reads
+    `n_averaged` from the device twice per update, a host-device sync per update on a GPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host_count = 0
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().load_state_dict(state_dict, *args, **kwargs)
+        self.host_count = int(self.n_averaged)  # once, on a resume
+        return result
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()] if self.use_buffers else [*self.parameters()]
+        theirs = [*model.parameters(), *model.buffers()] if self.use_buffers else [*model.parameters()]
+        pairs = [(a.detach(), b.detach().to(a.device)) for a, b in zip(mine, theirs, strict=True)]
+        if self.host_count == 0:
+            for averaged, current in pairs:
+                averaged.copy_(current)
+        else:
+            groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+            for averaged, current in pairs:  # one foreach call per device and dtype, as torch's does
+                group = groups.setdefault((averaged.device, averaged.dtype), ([], []))
+                group[0].append(averaged)
+                group[1].append(current)
+            for averaged, current in groups.values():
+                self.multi_avg_fn(averaged, current, self.n_averaged)
+        self.n_averaged += 1
+        self.host_count += 1
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging (an exponential moving average of the weights, and of the BN statistics with
+    `use_buffers`), with the update kept free of host-device syncs (`_HostCountAveragedModel`) and done with one
+    foreach kernel per device and dtype rather than one per tensor.
+
+    Validation runs on the average; after fit the model holds it; checkpoints store it as `state_dict`, with the
+    live weights as `current_model_state`, so a resume goes on exactly (Lightning's behaviour).
+
+    Args:
+        decay: weight of the average at each update.
+        update_every_n_steps: optimizer steps between updates.
+        update_starting_at_step: the first step that updates; None from the start.
+        use_buffers: average the buffers (BN statistics) too.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        use_buffers: bool = True,
+    ) -> None:
+        super().__init__(
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+        )
+        self._kwargs = {"multi_avg_fn": get_ema_multi_avg_fn(decay)}  # instead of the per-tensor avg_fn
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            if is_overridden("configure_model", pl_module):  # as Lightning's: the layers must exist to be copied
+                pl_module.configure_model()
+            self._average_model = _HostCountAveragedModel(
+                model=pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs
+            )
