@@ -257,9 +257,6 @@ class ResNetLabCLI(LightningCLI):
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
-        for key in self.one_batch_limits:
-            if config.trainer.get(key) == 1:
-                config.trainer[key] = 1  # config.yaml keeps the 1 as written
         interval = config.trainer.get("val_check_interval")
         if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
             raise ConfigError(

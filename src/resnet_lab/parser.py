@@ -62,6 +62,14 @@ def _arguments_of(class_path: str) -> list[str]:
         return []
 
 
+def _did_you_mean(option: str, options: list[str]) -> str | None:
+    """ "did you mean --trainer.max_steps?" for `--trainer.max_step`: the closest option of the same section."""
+    section, dot, name = option.rpartition(".")
+    siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == section]
+    near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
+    return f"did you mean {section}{dot}{near[0]}?" if near else None
+
+
 def one_line(message: str, options: list[str] = ()) -> str:
     """jsonargparse's error `message` as one line: the option, what was wrong, what it accepts; `options` are the
     parser's own option strings, for a "did you mean"."""
@@ -79,17 +87,11 @@ def one_line(message: str, options: list[str] = ()) -> str:
     if message.startswith("unrecognized arguments:"):
         given = message.split(":", 1)[1].split()
         unknown_options = [g.split("=", 1)[0] for g in given if g.startswith("--")] or given[:1]
-        section, dot, name = unknown_options[0].rpartition(".")
-        siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == section]
-        near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
-        hint = f"did you mean {section}{dot}{near[0]}?" if near else HELP_HINT
+        hint = _did_you_mean(unknown_options[0], options) or HELP_HINT
         return f"unknown option {' '.join(unknown_options)} ({hint}; options are never abbreviated)"
     if in_file := _NOT_ACCEPTED_IN_FILE.search(message):
         key = in_file.group(2)
-        section, _, name = key.rpartition(".")
-        siblings = [o.rpartition(".")[2] for o in options if o.rpartition(".")[0] == f"--{section}"]
-        near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.75)
-        hint = f"did you mean {section}.{near[0]}?" if near else HELP_HINT
+        hint = (_did_you_mean(f"--{key}", options) or HELP_HINT).replace("mean --", "mean ")
         return f"{key} (in a --config file) is not an option of {in_file.group(1)} ({hint})"
     if missing := _NO_ATTRIBUTE.search(message):
         module, name = missing.groups()

@@ -19,6 +19,11 @@ def resolve_root(root: str | Path | None) -> Path:
     return Path(root if root is not None else os.environ.get(DATA_ENV, "data")).expanduser()
 
 
+def run_seed() -> int:
+    """The run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED; 0 if unset)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
@@ -128,6 +133,10 @@ class ClassificationDataModule(L.LightningDataModule):
     def eval_collate_fn(self) -> Callable | None:
         """How evaluation samples form a batch; None stacks them."""
         return None
+
+    def _share(self) -> tuple[int, int]:
+        """This process's (rank, world size) under data parallelism."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def train_sampler(self, dataset: Dataset) -> DistributedSampler | None:
         """The training sampler; None: Lightning's own (shuffled, and split over the processes)."""

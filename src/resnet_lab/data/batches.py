@@ -12,7 +12,6 @@ batch; each process applies its share. So a run resumed mid-epoch continues with
 had, and N processes together see exactly what one process with the global batch would.
 """
 
-import os
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from resnet_lab.data.base import ClassificationDataModule, Standardize
+from resnet_lab.data.base import ClassificationDataModule, Standardize, run_seed
 
 NO_AUGMENTATION = -1  # the key of an evaluation batch
 
@@ -354,17 +353,14 @@ class InMemoryDataModule(ClassificationDataModule):
 
     @property
     def data_seed(self) -> int:
-        """`seed`, or the run's seed (`seed_everything`, which Lightning keeps in PL_GLOBAL_SEED; 0 if unset)."""
-        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        """`seed`, or the run's seed (`run_seed`)."""
+        return self.seed if self.seed is not None else run_seed()
 
     @property
     def batch_transforms(self) -> BatchTransforms:
         if self._transforms is None or self._transforms.normalize is not self.normalize:
             self._transforms = BatchTransforms(self.augmentations, self.normalize, self.num_classes)
         return self._transforms
-
-    def _share(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def _loader(self, split: ImageSplit | None, train: bool) -> DeviceBatches | DataLoader:
         if split is None:

@@ -2,7 +2,6 @@
 
 import logging
 import multiprocessing
-import os
 import warnings
 from collections.abc import Callable
 from copy import deepcopy
@@ -19,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from resnet_lab.data.base import ClassificationDataModule, RepeatedAugmentationSampler, resolve_root
+from resnet_lab.data.base import ClassificationDataModule, RepeatedAugmentationSampler, resolve_root, run_seed
 from resnet_lab.data.batches import MixBatch, batch_key
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
@@ -340,9 +339,7 @@ class ImageNetDataModule(ClassificationDataModule):
     def train_sampler(self, dataset: Dataset) -> RepeatedAugmentationSampler | None:
         if self.repeated_augmentations == 1:
             return None
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, seed, rank, world_size)
+        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, run_seed(), *self._share())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
@@ -350,9 +347,9 @@ class ImageNetDataModule(ClassificationDataModule):
         if self.mixing is None or trainer is None or not trainer.training or not isinstance(batch, tuple | list):
             return batch
         images, labels = batch
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        generator = torch.Generator().manual_seed(batch_key(seed, trainer.current_epoch, trainer.global_step))
-        draws = self.mixing.draw(len(images) * trainer.world_size, generator)[trainer.global_rank :: trainer.world_size]
+        rank, world_size = self._share()
+        generator = torch.Generator().manual_seed(batch_key(run_seed(), trainer.current_epoch, trainer.global_step))
+        draws = self.mixing.draw(len(images) * world_size, generator)[rank::world_size]
         return self.mixing.mix(images, labels, draws, self.num_classes)
 
     def eval_collate_fn(self) -> Callable | None:
