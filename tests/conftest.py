@@ -2,9 +2,11 @@ import os
 import pickle
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -126,8 +128,6 @@ def subprocess_env(*paths: Path | str) -> dict[str, str]:
 
 def quiet_trainer(tmp_path: Path, **kwargs):  # noqa: ANN201
     """A CPU Trainer without logger, checkpoints, progress bar or summary, unless `kwargs` says otherwise."""
-    import lightning as L
-
     defaults = dict(
         accelerator="cpu",
         devices=1,
@@ -138,3 +138,37 @@ def quiet_trainer(tmp_path: Path, **kwargs):  # noqa: ANN201
         default_root_dir=tmp_path,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: reading a value (`.item()`, `bool()`,
+    `int()`) or an op whose output shape depends on the data."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "equal", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class SyncsPerIteration(L.Callback):
+    """Host syncs from the start of each iteration to the end of every callback's on_train_batch_end (this
+    callback comes last)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, list[str]] = {}
+        self.mode: HostSyncs | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.mode = HostSyncs()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mode.__exit__(None, None, None)
+        self.per_step[trainer.global_step] = self.mode.ops

@@ -42,11 +42,12 @@ class Mistake:
 TINY = ["--data.val_size", "20", "--data.batch_size", "8", "--data.num_workers", "0", *QUIET]
 R20 = "--config configs/resnet20_cifar.yaml --data.root {cifar}"
 R18 = "--config configs/resnet18_imagenette.yaml"
+GRAPH = "--config configs/presets/gpu_graph.yaml"
 
 
 def expand(text: str) -> str:
-    """The commands' shorthands for the two experiments most mistakes start from."""
-    return text.replace("{r20}", R20).replace("{r18}", R18)
+    """The commands' shorthands for the two experiments most mistakes start from, and for the graph step's preset."""
+    return text.replace("{r20}", R20).replace("{r18}", R18).replace("{graph}", GRAPH)
 
 
 MISTAKES = [
@@ -91,6 +92,25 @@ MISTAKES = [
     Mistake("a batch that does not split over the processes",
             "fit {r20} --trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2 --data.batch_size 127",
             "batch_size 127 is the global batch and must split evenly over the 2 processes"),
+    Mistake("graph step with another optimizer than SGD", "fit {r20} {graph} --model.optimizer torch.optim.Adam",
+            "--model.graph_step true: the update is torch.optim.SGD's fused kernel"),
+    Mistake("graph step with SGD unfused", "fit {r20} {graph} --model.optimizer.init_args.fused false",
+            "set --model.optimizer.init_args.fused true"),
+    Mistake("graph step with gradient accumulation", "fit {r20} {graph} --trainer.accumulate_grad_batches 2",
+            "--model.graph_step true: each replay is one whole update: set --trainer.accumulate_grad_batches 1"),
+    Mistake("graph step with gradient clipping", "fit {r20} {graph} --config configs/presets/grad_clip.yaml",
+            "--model.graph_step true: gradient clipping is not in the captured step"),
+    Mistake("graph step over several processes",
+            "fit {r20} {graph} --trainer.accelerator cpu --trainer.strategy ddp --trainer.devices 2",
+            "--model.graph_step true: it replays one process's step, and this run has 2 processes"),
+    Mistake("graph step with a schedule stepped per epoch", "fit {r20} {graph} --model.scheduler_interval epoch",
+            "this schedule is stepped per epoch: give it in iterations with --model.scheduler_interval step"),
+    Mistake("graph step with a schedule on a metric",
+            "fit {r20} {graph} --model.lr_scheduler torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "--model.graph_step true: ReduceLROnPlateau follows a validation metric"),
+    Mistake("graph step inside compile's own CUDA graphs",
+            "fit {r20} {graph} --model.compile true --model.compile_mode reduce-overhead",
+            "compile_mode reduce-overhead records CUDA graphs of its own"),
     Mistake("more CPU processes than cores", "fit {r20} --trainer.accelerator cpu --trainer.devices {too_many}",
             "--trainer.devices {too_many} starts {too_many} training processes on the CPU"),
     Mistake("negative loader workers, DataLoader path", "fit {r20} --data.num_workers -1 --data.loader dataloader",

@@ -90,7 +90,8 @@ def test_wrong_class_count_through_the_command_line(trained, cifar_root, tmp_pat
     assert "does not fit this model" in result.stderr and "[10, 64] vs [100, 64]" in result.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("graph_step", [False, True], ids=["ordinary", "graph_step"])
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, graph_step):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
@@ -109,7 +110,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
     torch.manual_seed(0)
     model = ImageClassifier(
-        CifarResNet(8), optimizer=lambda p: torch.optim.SGD(p, lr=0.01), lr_scheduler=explode_after_one_epoch
+        CifarResNet(8),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01, fused=True),
+        lr_scheduler=explode_after_one_epoch,
+        graph_step=graph_step,
     )
     data = DataLoader(TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
     losses, checkpoint = Losses(), ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -3,10 +3,9 @@
 import lightning as L
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import quiet_trainer, transformed
+from conftest import HostSyncs, SyncsPerIteration, quiet_trainer, transformed
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar
 from resnet_lab.data import CIFAR10DataModule, SyntheticDataModule
@@ -215,40 +214,6 @@ def test_the_progress_bar_redraws_at_most_once_per_interval_and_shows_the_true_c
         assert redraws >= steps  # as the stock bar: after every iteration
     else:
         assert redraws <= 15
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts the operations that make the host wait for the device: reading a value (`.item()`, `bool()`,
-    `int()`) or an op whose output shape depends on the data."""
-
-    SYNCING = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "equal", "is_nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        name = func.overloadpacket.__name__
-        if name in self.SYNCING:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-class SyncsPerIteration(L.Callback):
-    """Host syncs from the start of each iteration to the end of every callback's on_train_batch_end (this
-    callback comes last)."""
-
-    def __init__(self) -> None:
-        self.per_step: dict[int, list[str]] = {}
-        self.mode: HostSyncs | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.mode = HostSyncs()
-        self.mode.__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.mode.__exit__(None, None, None)
-        self.per_step[trainer.global_step] = self.mode.ops
 
 
 def test_an_iteration_makes_the_host_wait_only_where_the_loggers_write(tmp_path, cifar_root):

@@ -196,7 +196,7 @@ class StopOnNonFiniteLoss(Callback):
             what = f"the weights are not finite after iteration {trainer.global_step - 1}"
         if what is None:
             return
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else float("nan")
         last = last_checkpoint_path(trainer)
         last = last if last.is_file() else "none written yet"
         raise NonFiniteLossError(

@@ -26,6 +26,7 @@ from resnet_lab.callbacks import (
 from resnet_lab.checkpoints import LIGHTNING_ALIASES
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
+from resnet_lab.graph_step import check_supported
 from resnet_lab.launch import (
     check_config_after_subcommand,
     check_lightning_checkpoint,
@@ -53,6 +54,14 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is dep
 # Lightning counts the logging interval in iterations across epochs, so short epochs (a --schedule_scale run) still
 # log every log_every_n_steps iterations, as this warning would have one believe they do not.
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+# graph_step keeps each group's learning rate as a device tensor (the fused update reads it there), which
+# LearningRateMonitor copies with torch.tensor().
+warnings.filterwarnings(
+    "ignore", message="To copy construct from a tensor", module="lightning.pytorch.callbacks.lr_monitor"
+)
+# ... and trains under manual optimization, where ModelCheckpoint warns that a checkpoint holds the weights after the
+# iteration's update: so do the ordinary path's.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
 class _NoAdvertisements(logging.Filter):
@@ -227,10 +236,17 @@ class ResNetLabCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI rebuilds the model from a checkpoint's hyperparameters, over the config: refuse a checkpoint
-        of another network rather than evaluate one network under another's name."""
+        of another network rather than evaluate one network under another's name. The settings of how the model
+        runs (`HOW_TO_RUN`: graph step, compilation, memory layout) stay this command's: a run resumed with
+        presets/gpu_graph.yaml is to use it, whichever path wrote the checkpoint."""
         config = self.config.get(self.config.get("subcommand") or "")
         given = _network(config)
+        how = {key: config.get(f"model.{key}") for key in HOW_TO_RUN if isinstance(config, Namespace)}
         super()._parse_ckpt_path()
+        config_now = self.config.get(self.config.get("subcommand") or "")
+        for key, value in how.items():  # how to run it is this command's, what is trained the checkpoint's
+            if value is not None and config_now.get(f"model.{key}") is not None:
+                config_now[f"model.{key}"] = value
         held = _network(self.config.get(self.config.get("subcommand") or ""))
         differences = [
             f"{key} {held[key]} in the checkpoint, {given[key]} in the config"
@@ -405,6 +421,8 @@ class ResNetLabCLI(LightningCLI):
             )
         if isinstance(self.datamodule, ClassificationDataModule):
             self.datamodule.batch_share(trainer.world_size)  # refused here, not after the processes start
+        if self.subcommand == "fit" and getattr(self.model, "graph_step", False):
+            check_supported(trainer, self.model)
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
             # Otherwise every process stops with torch's traceback when DDP wraps the model.
             raise ConfigError(
@@ -416,6 +434,10 @@ class ResNetLabCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+# The module's arguments that change how it computes, not what it computes.
+HOW_TO_RUN = ("graph_step", "compile", "compile_mode", "compile_backend", "channels_last")
 
 
 def _network(config: Namespace | None) -> dict[str, str]:

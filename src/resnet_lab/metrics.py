@@ -74,16 +74,20 @@ class TrainingMeans:
         self.sums = torch.zeros(2, len(metrics))
         self.images = [0, 0]  # window, epoch
 
-    def update(self, logits: Tensor, labels: Tensor, loss: Tensor) -> Tensor:
-        """Add one batch; returns its per-image means, in the order of `metrics`. Labels mixed into class
-        probabilities (`MixBatch`) count as the class of the larger weight."""
+    def add(self, logits: Tensor, labels: Tensor, loss: Tensor) -> Tensor:
+        """Add one batch's sums, on the device; returns its per-image means, in the order of `metrics`. Labels mixed
+        into class probabilities (`MixBatch`) count as the class of the larger weight. Its images are counted by
+        `count`, apart: a captured training step replays this, but not the host's arithmetic."""
         labels = labels.argmax(dim=1) if labels.ndim == 2 else labels
         values = torch.stack([m.batch_sum(logits, labels, loss) for m in self.metrics])
         if self.sums.device != values.device:
             self.sums = self.sums.to(values.device)
         self.sums += values
-        self.images = [self.images[0] + len(labels), self.images[1] + len(labels)]
         return values / len(labels)
+
+    def count(self, images: int) -> None:
+        """Count the images of the batch last added."""
+        self.images = [self.images[0] + images, self.images[1] + images]
 
     def named(self, means: Tensor, prefix: str = "", suffix: str = "") -> dict[str, Tensor]:
         """`means` under the metrics' names, accuracies also as errors in percent."""

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.checkpoints import check_state_dict_matches
 from resnet_lab.errors import ConfigError
+from resnet_lab.graph_step import GraphStep, carry_step_count, check_supported, counting
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
 # The training window's means the progress bar shows (read only when the bar redraws, a few times a second).
@@ -65,6 +66,11 @@ class ImageClassifier(L.LightningModule):
             recipe; 0, the paper, keeps the labels as they are). Validation and test losses are of the true labels.
         norm_and_bias_weight_decay: weight decay of the normalization layers' parameters and of every bias; None
             applies the optimizer's own to all parameters (the paper), 0.0 exempts them (torchvision's recipe).
+        graph_step: make each training iteration (forward, loss, backward, the fused SGD update, the next
+            learning rate and the training sums) with one function that a GPU records once as a CUDA graph and
+            replays (`resnet_lab.graph_step`; configs/presets/gpu_graph.yaml); on a CPU it runs eagerly. It trains
+            exactly as the ordinary path, and refuses in one line what it cannot (fp16, data parallelism,
+            gradient accumulation or clipping, an optimizer other than fused SGD, a schedule stepped per epoch).
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class ImageClassifier(L.LightningModule):
         train_metrics: list[TrainingMetric] | None = None,
         label_smoothing: float = 0.0,
         norm_and_bias_weight_decay: float | None = None,
+        graph_step: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -113,6 +120,10 @@ class ImageClassifier(L.LightningModule):
         # Summed on the device and read only when the loggers write: no host-device sync and no `self.log` call
         # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
         self.train_means = TrainingMeans(train_metrics or default_training_metrics())
+        self.graph_step = graph_step
+        # The update is made inside the step: Lightning only counts it (resnet_lab.graph_step.CountingOptimizer).
+        self.automatic_optimization = not graph_step
+        self.graph: GraphStep | None = None  # made when training starts, after any checkpoint is restored
 
     def setup(self, stage: str) -> None:
         # An example input lets the model summary count FLOPs and TensorBoard draw the network graph
@@ -140,11 +151,17 @@ class ImageClassifier(L.LightningModule):
             probs = torch.stack([torch.cat([self(v[None]).softmax(dim=1) for v in views]).mean(0) for views in images])
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        images, labels = batch
+    def loss_and_means(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The training loss of a batch, and the means of its training metrics, which are added to the running sums
+        on the device (the image count is the caller's: `train_means.count`)."""
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        means = self.train_means.update(logits, labels, loss)
+        return loss, self.train_means.add(logits, labels, loss)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        images, labels = batch
+        loss, means = self.graph(images, labels) if self.graph is not None else self.loss_and_means(images, labels)
+        self.train_means.count(len(labels))
         # Here rather than after the step, so that a checkpoint written after this iteration holds the window
         # already taken. Only the micro-batch that completes an optimizer step logs: the window then holds every
         # micro-batch of its steps.
@@ -153,6 +170,8 @@ class ImageClassifier(L.LightningModule):
             shown = {k: window.pop(k) for k in PROGRESS_BAR_METRICS if k in window}
             self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True)
             self.log_dict(window, on_step=True, on_epoch=False)
+        if self.graph is not None:
+            self.optimizers().step()  # counts the iteration: the update is already made
         # Callbacks read the iteration's own values from these outputs (e.g. the warm-up switch, the NaN stop).
         return {**self.train_means.named(means), "loss": loss}
 
@@ -204,6 +223,20 @@ class ImageClassifier(L.LightningModule):
             check = getattr(config.scheduler, "check_warmup_ends", None)
             if check is not None:
                 check()
+        if self.graph_step:
+            check_supported(self.trainer, self)
+
+    def on_train_start(self) -> None:
+        if self.graph_step:
+            optimizer = self.trainer.optimizers[0].optimizer
+            configs = self.trainer.lr_scheduler_configs
+            schedule = configs[0].scheduler if configs else None
+            total = int(self.trainer.estimated_stepping_batches)
+            self.graph = GraphStep(self.loss_and_means, optimizer, schedule, self.global_step, total)
+
+    def on_train_end(self) -> None:
+        if self.graph is not None:
+            self.graph.finish()
 
     def on_train_epoch_end(self) -> None:
         # Every process trains on as many images, so the mean over processes is the global mean.
@@ -220,9 +253,17 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run resumed mid-epoch logs the same window and epoch means as one never stopped.
         checkpoint["train_means"] = self.train_means.state_dict()
+        if self.graph is not None and "optimizer_states" in checkpoint:
+            # The scheduler and the learning rates as the ordinary path saves them (it steps the scheduler every
+            # iteration; the graph reads its learning rates from a table): either path resumes the other's run.
+            schedulers, lrs = self.graph.scheduler_state()
+            checkpoint["lr_schedulers"] = schedulers
+            for group, lr in zip(checkpoint["optimizer_states"][0]["param_groups"], lrs, strict=True):
+                group["lr"] = lr
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_state_dict_matches(self, checkpoint.get("state_dict", {}), "the checkpoint")
+        carry_step_count(checkpoint, self.graph_step)
         if "train_means" in checkpoint:
             self.train_means.load_state_dict(checkpoint["train_means"])
 
@@ -246,6 +287,8 @@ class ImageClassifier(L.LightningModule):
             optimizer = self.optimizer(self.parameter_groups())
         except ValueError as err:  # torch checks its arguments: "Invalid learning rate: -0.1"
             raise ConfigError(f"the optimizer cannot be built: {err}; check --model.optimizer.init_args") from err
+        if self.graph_step:
+            optimizer = counting(optimizer)
         if self.lr_scheduler is None:
             return optimizer
         schedule = self.lr_scheduler(optimizer)
@@ -256,4 +299,6 @@ class ImageClassifier(L.LightningModule):
             "interval": self.scheduler_interval,
             "monitor": self.scheduler_monitor,
         }
+        if self.graph_step:  # no schedule on a metric under manual optimization (refused): Lightning warns of the key
+            del scheduler["monitor"]
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

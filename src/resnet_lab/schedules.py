@@ -62,6 +62,12 @@ class WarmupMultiStepLR(LRScheduler):
                 "warmup_steps to a number of iterations"
             )
 
+    @property
+    def lr_ahead_known(self) -> bool:
+        """Whether the learning rate of every later step is known now (not while an open-ended warm-up waits for
+        `end_warmup()`): what a captured training step needs to table it (`resnet_lab.graph_step`)."""
+        return self.warmup_end is not None
+
     def end_warmup(self) -> None:
         """End the warm-up now: the next optimizer step already uses the base lr."""
         if self.warmup_end is None:
