@@ -17,6 +17,7 @@ weights are not expected to agree with each other. What is compared instead, exa
 
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +99,49 @@ def write_tagged_cifar(root: Path) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(train[:5]))
 
 
-def launch(name: str, root: Path, work: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:
-    out = work / name
-    out.mkdir()
+def start(out: Path, work: Path, processes: int, args: list[str]) -> subprocess.Popen:
+    """`python main.py fit *args` in `out`, under torchrun with `processes` CPU processes (gloo) if more than one,
+    its output in out/output.txt; `work` (where the probes are written) is on the path."""
     command = [
         *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []),
         str(REPO / "main.py"),
         "fit",
+        *args,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(processes),
+        *(["--trainer.strategy", "ddp"] if processes > 1 else []),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(out / "logs"),
+        "--trainer.logger.init_args.log_graph",  # tracing the graph costs each run ~2 s and tests nothing here
+        "false",
+    ]
+    # OMP_NUM_THREADS: what torchrun gives each process; the single run and the replay use it too.
+    env = {**subprocess_env(REPO / "src", work), "OMP_NUM_THREADS": "1"}
+    env.pop("RESNET_LAB_DATA", None)
+    with (out / "output.txt").open("w") as log:
+        return subprocess.Popen([sys.executable, *command], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, out: Path) -> None:
+    """Wait for a run started by `start`; its output's tail if it failed."""
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert code == 0, (out / "output.txt").read_text()[-4000:]
+
+
+def launch(name: str, root: Path, work: Path, processes: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    out = work / name
+    out.mkdir()
+    args = [
         "--config",
         str(CONFIGS / "resnet20_cifar.yaml"),
         "--data.root",
@@ -117,44 +154,20 @@ def launch(name: str, root: Path, work: Path, processes: int, *extra: str) -> tu
         str(DEPTH),
         "--model.optimizer.init_args.lr",
         str(LR),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        str(processes),
-        *(["--trainer.strategy", "ddp"] if processes > 1 else []),
         "--trainer.max_steps",
         str(MAX_STEPS),
         "--trainer.deterministic",
         "true",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.logger.init_args.save_dir",
-        str(out / "logs"),
-        "--trainer.logger.init_args.log_graph",  # tracing the graph costs each run ~2 s and tests nothing here
-        "false",
         "--trainer.callbacks+=ddp_probe.RecordBatches",
         "--trainer.callbacks.out_dir",
         str(out),
         *extra,
     ]
-    # OMP_NUM_THREADS: what torchrun gives each process; the single run and the replay use it too.
-    env = {**subprocess_env(REPO / "src", work), "OMP_NUM_THREADS": "1"}
-    env.pop("RESNET_LAB_DATA", None)
-    with (out / "output.txt").open("w") as log:
-        proc = subprocess.Popen([sys.executable, *command], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, out
+    return start(out, work, processes, args), out
 
 
 def collect(proc: subprocess.Popen, out: Path, processes: int) -> Run:
-    try:
-        code = proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    output = (out / "output.txt").read_text()
-    assert code == 0, output[-4000:]
+    finish(proc, out)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
     checkpoint = torch.load(
         out / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False
@@ -321,3 +334,139 @@ def test_ddp_with_bn_over_the_global_batch_gives_the_single_process_weights(runs
     labels = [torch.stack(step, dim=1).flatten(0, 1) for step in zip(*(r["labels"] for r in ddp.ranks), strict=True)]
     synced = replay(ddp.ranks[0]["initial"], [(whole, labels)], ddp.checkpoint, MAX_STEPS)
     assert max_difference(synced, single.checkpoint["state_dict"]) <= WEIGHT_ATOL
+
+
+# Repeated augmentation (torchvision's ResNet-50 recipe) over 2 real processes: ImageNet's loader path, the
+# recipe's own config with what would hide the images turned off (mixing, TrivialAugment, random erasing). Every
+# image is one flat colour whose red channel names its index in the ImageFolder order, so the index can be read
+# back from any crop, resize or mirror of it; PNG, so that no compression moves the colour.
+RA_CLASSES = 3
+RA_PER_CLASS = 8
+RA_IMAGES = RA_CLASSES * RA_PER_CLASS  # 24: under 256, so each process keeps len // 2 = 12 copies an epoch
+RA_REPETITIONS = 3  # not the recipe's 4: over 2 processes 4 give both the same list, which hides a wrong rank
+RA_BATCH = 8  # global: 4 per process, 3 iterations an epoch
+RA_STEPS = 6  # two epochs: the second's order must be a new one, alike on both processes
+RA_SEED = 0  # the recipe's seed_everything, which the sampler takes its permutations from
+
+RA_PROBE = '''
+"""Test-only: records the training sampler each process iterates, and the images it trains on."""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+
+class RecordSampler(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.record = {"epochs": [], "pixels": [], "labels": [], "steps": []}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        loader = trainer.train_dataloader
+        sampler = loader.sampler
+        self.record["epochs"].append({
+            "class": f"{type(sampler).__module__}.{type(sampler).__qualname__}",
+            "batch_sampler_holds_it": loader.batch_sampler.sampler is sampler,
+            "rank": sampler.rank,
+            "num_replicas": sampler.num_replicas,
+            "seed": sampler.seed,
+            "epoch": sampler.epoch,
+            "order": list(sampler),
+            "samples": [(Path(path).name, target) for path, target in loader.dataset.samples],
+        })
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        inputs, labels = batch
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        self.record["pixels"].append(((inputs.cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8))
+        self.record["labels"].append(labels.cpu().clone())
+        self.record["steps"].append((trainer.current_epoch, batch_idx, trainer.global_step))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record["global_rank"], self.record["world_size"] = trainer.global_rank, trainer.world_size
+        torch.save(self.record, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+'''
+
+
+def red(index: int) -> int:
+    """The red level that names image `index`: 8 levels apart, so a resampling's rounding cannot move it to another."""
+    return 8 * index + 4
+
+
+def write_flat_image_folder(root: Path) -> None:
+    """root/train and root/val in the ImageFolder layout; train image k (ImageFolder order) is flat red(k)."""
+    from torchvision.io import write_png
+
+    for split, count in (("train", RA_PER_CLASS), ("val", 2)):
+        for c in range(RA_CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                index = c * count + i
+                image = torch.tensor([red(index), 128, 64], dtype=torch.uint8)[:, None, None].expand(3, 40, 48)
+                write_png(image.contiguous(), str(folder / f"{index:02d}.png"))
+
+
+def test_repeated_augmentation_under_ddp_deals_each_image_s_copies_to_both_processes(tmp_path):
+    from resnet_lab.data.base import RepeatedAugmentationSampler
+
+    (tmp_path / "ra_probe.py").write_text(RA_PROBE)
+    write_flat_image_folder(tmp_path / "imagenet")
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["--config", str(CONFIGS / "resnet50_imagenet_tv2.yaml"), "--data.root", str(tmp_path / "imagenet"),
+            "--data.repeated_augmentations", str(RA_REPETITIONS), "--data.batch_size", str(RA_BATCH),
+            "--data.num_workers", "0", "--data.crop_size", "32", "--data.eval_crop_size", "32",
+            "--data.val_resize", "32", "--data.mixing", "null",
+            "--data.train_augmentation.init_args.trivial_augment", "false",
+            "--data.train_augmentation.init_args.erasing_p", "0",
+            "--model.backbone.init_args.depth", "18", "--model.lr_scheduler.init_args.warmup_steps", "1",
+            "--trainer.max_steps", str(RA_STEPS), "--trainer.num_sanity_val_steps", "0",
+            "--trainer.callbacks+=ra_probe.RecordSampler", "--trainer.callbacks.out_dir", str(out)]  # fmt: skip
+    finish(start(out, tmp_path, PROCESSES, args), out)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(PROCESSES)]
+
+    per_process = RA_IMAGES // PROCESSES
+    steps_per_epoch = per_process // (RA_BATCH // PROCESSES)
+    epochs = RA_STEPS // steps_per_epoch
+    for rank, record in enumerate(ranks):
+        assert (record["global_rank"], record["world_size"]) == (rank, PROCESSES)
+        for epoch, seen in enumerate(record["epochs"]):
+            # Lightning kept our sampler (a DistributedSampler, so not wrapped in its own) and moved it on to
+            # each epoch; it was built with this process's real share of the run.
+            assert seen["class"] == "resnet_lab.data.base.RepeatedAugmentationSampler"
+            assert seen["batch_sampler_holds_it"]
+            share = (seen["rank"], seen["num_replicas"], seen["seed"], seen["epoch"])
+            assert share == (rank, PROCESSES, RA_SEED, epoch)
+            # ImageFolder's order is the files' order: the dataset's index k is the image whose red names k.
+            assert seen["samples"] == [(f"{k:02d}.png", k // RA_PER_CLASS) for k in range(RA_IMAGES)]
+            expected = RepeatedAugmentationSampler(RA_IMAGES, RA_REPETITIONS, RA_SEED, rank, PROCESSES)
+            expected.set_epoch(epoch)
+            assert seen["order"] == list(expected) and len(seen["order"]) == per_process
+        assert len(record["epochs"]) == epochs
+        assert record["steps"] == [(s // steps_per_epoch, s % steps_per_epoch, s) for s in range(RA_STEPS)]
+
+    # What each process trained on, image by image: the images its share of the sampler's order names, in order,
+    # with their folders' labels.
+    trained = {}  # (epoch, rank) -> the dataset indices of the images trained on
+    for rank, record in enumerate(ranks):
+        for (epoch, _, _), pixels, labels in zip(record["steps"], record["pixels"], record["labels"], strict=True):
+            planes = pixels.flatten(2)
+            assert (planes.amax(2) - planes.amin(2) <= 2).all()  # each crop is still one flat colour
+            assert (planes[:, 1:].float().mean(2) - torch.tensor([128.0, 64.0])).abs().max() <= 2
+            indices = ((planes[:, 0].float().mean(1) - 4) / 8).round().long()
+            assert torch.equal(labels, indices // RA_PER_CLASS)  # the dataset's target of each image
+            trained.setdefault((epoch, rank), []).extend(indices.tolist())
+    for epoch in range(epochs):
+        for rank in range(PROCESSES):
+            assert trained[epoch, rank] == ranks[rank]["epochs"][epoch]["order"], f"epoch {epoch}, rank {rank}"
+        # Across the processes an epoch draws RA_IMAGES // RA_REPETITIONS images, each RA_REPETITIONS times,
+        # and every drawn image is augmented on both processes.
+        copies = Counter(trained[epoch, 0] + trained[epoch, 1])
+        assert len(copies) == RA_IMAGES // RA_REPETITIONS and set(copies.values()) == {RA_REPETITIONS}
+        assert set(trained[epoch, 0]) == set(trained[epoch, 1]) == set(copies)
+    assert set(trained[0, 0]) != set(trained[1, 0])  # the second epoch draws other images

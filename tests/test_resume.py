@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,14 @@ from resnet_lab.paper.runs import Run
 from resnet_lab.records import read_run_file
 
 MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 1 and 2
+# Presets stacked on the experiment, right after its config: the paper's recipe alone; with the EMA of the
+# weights, whose average, live weights and update count must all come back from last.ckpt; and with the whole
+# iteration as one step (the graph step, eager on this CPU), whose scheduler and learning rates are saved from a copy.
+PRESETS = {
+    "paper": (),
+    "ema": ("--config", str(CONFIGS / "presets" / "ema.yaml")),
+    "graph_step": ("--config", str(CONFIGS / "presets" / "gpu_graph.yaml")),
+}
 
 # Slows each iteration down so that a signal lands mid-run, and reports progress on stdout. It holds no state that
 # could change what is computed.
@@ -47,13 +56,14 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def command(workspace: Path, *extra: str) -> list[str]:
+def command(workspace: Path, *extra: str, preset: str = "paper") -> list[str]:
     return [
         sys.executable,
         str(REPO / "main.py"),
         "fit",
         "--config",
         str(CONFIGS / "resnet20_cifar.yaml"),
+        *PRESETS[preset],
         "--data.root",
         str(workspace / "data"),
         "--data.val_size",
@@ -78,11 +88,11 @@ def command(workspace: Path, *extra: str) -> list[str]:
     ]
 
 
-def run(workspace: Path, folder: str, *extra: str, **popen) -> subprocess.Popen:
+def run(workspace: Path, folder: str, *extra: str, preset: str = "paper", **popen) -> subprocess.Popen:
     cwd = workspace / folder
     cwd.mkdir(exist_ok=True)
     env = subprocess_env(workspace)
-    return subprocess.Popen(command(workspace, *extra), cwd=cwd, env=env, text=True, **popen)
+    return subprocess.Popen(command(workspace, *extra, preset=preset), cwd=cwd, env=env, text=True, **popen)
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> None:
@@ -102,15 +112,43 @@ def scalars(events: Path) -> dict[tuple[str, int], float]:
     }
 
 
+def assert_identical(a: object, b: object, where: str) -> None:
+    """Equal, tensors bit for bit, through nested dicts and lists."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def ema_states(checkpoint: dict) -> dict:
+    """The EMA callback's own saved state, by its state key; the checkpoint callbacks' states hold the run's
+    folder, which differs between the runs compared."""
+    return {key: state for key, state in checkpoint["callbacks"].items() if key.startswith("EMA")}
+
+
 def assert_resumed_like(reference: Path, resumed: Path) -> None:
     """Same final weights, optimizer state and counters; every value the resumed process logged equals the value the
-    uninterrupted run logged at that step."""
+    uninterrupted run logged at that step. With the EMA, `state_dict` is the average: the live weights, the
+    average's update count and the callback's state must match too."""
     a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == MAX_STEPS
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+    for extra in ("current_model_state", "averaging_state"):  # written by the EMA callback, in both or neither
+        assert (extra in a) == (extra in b), extra
+        if extra in a:
+            assert_identical(a[extra], b[extra], extra)
+    assert_identical(ema_states(a), ema_states(b), "callbacks")
     for (_, x), (_, y) in zip(
         a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items(), strict=True
     ):
@@ -125,9 +163,23 @@ def assert_resumed_like(reference: Path, resumed: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(workspace: Path) -> Path:
-    finished(run(workspace, "reference", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    return run_dir(workspace, "reference")
+def references(workspace: Path) -> Callable[[str], Path]:
+    """The uninterrupted run of each preset, run once for the module when a test first asks for it."""
+    done: dict[str, Path] = {}
+
+    def reference(preset: str) -> Path:
+        if preset not in done:
+            folder = "reference" if preset == "paper" else f"reference-{preset}"
+            finished(run(workspace, folder, preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            done[preset] = run_dir(workspace, folder)
+        return done[preset]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> Path:
+    return references("paper")
 
 
 def wait_for_iteration(process: subprocess.Popen, iteration: int) -> None:
@@ -137,26 +189,43 @@ def wait_for_iteration(process: subprocess.Popen, iteration: int) -> None:
     pytest.fail(f"the run ended before iteration {iteration}: {process.stderr.read()[-3000:]}")
 
 
-def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, reference):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, references, preset):
+    reference = references(preset)
+    folder = "killed" if preset == "paper" else f"killed-{preset}"
     periodic = ["--periodic_checkpoint.every_n_train_steps", "3"]  # 25 iterations: the last write is a validation's
     pace = ["--trainer.callbacks+=pace.Pace", *periodic]
-    killed = run(workspace, "killed", *pace, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed = run(workspace, folder, *pace, preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_iteration(killed, 14)  # epoch 1, after the checkpoint of iteration 12
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
-    last = run_dir(workspace, "killed") / "checkpoints" / "last.ckpt"
+    last = run_dir(workspace, folder) / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert 12 <= saved["global_step"] < MAX_STEPS and saved["global_step"] % 3 == 0
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == saved["global_step"] % 10
+    if preset == "ema":
+        # The checkpoint the resume starts from holds a real average, of every iteration so far, and it is not the
+        # live weights: a resume that took one for the other, or restarted the average, would end elsewhere.
+        assert int(saved["averaging_state"]["n_averaged"]) == saved["global_step"]
+        [ema] = ema_states(saved).values()
+        assert ema["latest_update_step"] == saved["global_step"]
+        live, average = saved["current_model_state"], saved["state_dict"]
+        assert live.keys() == average.keys()
+        assert not all(torch.equal(live[key], average[key]) for key in live if key.endswith(".weight"))
+    else:
+        assert "current_model_state" not in saved and not ema_states(saved)
 
     # Determinism: the same seed and config in another process logged the same values, bit for bit, until the kill.
-    before_kill = scalars(next(run_dir(workspace, "killed").glob("events.out.tfevents.*")))
+    before_kill = scalars(next(run_dir(workspace, folder).glob("events.out.tfevents.*")))
     expected = scalars(next(reference.glob("events.out.tfevents.*")))
     assert len(before_kill) > 10 and all(value == expected[key] for key, value in before_kill.items())
 
-    finished(run(workspace, "killed", *pace, "--ckpt_path", "last", stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    assert_resumed_like(reference, run_dir(workspace, "killed"))
-    assert not (run_dir(workspace, "killed").parent / "version_1").exists()  # the same run goes on
+    resumed = run(
+        workspace, folder, *pace, "--ckpt_path", "last", preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    finished(resumed)
+    assert_resumed_like(reference, run_dir(workspace, folder))
+    assert not (run_dir(workspace, folder).parent / "version_1").exists()  # the same run goes on
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
