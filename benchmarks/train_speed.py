@@ -11,8 +11,13 @@
    training throughput.
 4. Peak memory of one ResNet-110 / ResNet-1202 training step, with and without activation checkpointing
    (CUDA max allocated on a GPU; peak RSS of a fresh process on a CPU).
+5. The graph step (`--model.graph_step true`): milliseconds per iteration of CIFAR ResNet-20 and ResNet-110 with
+   the whole step captured, alone (one fixed batch, no Lightning) and inside `fit`, beside the ordinary path's
+   `fit` (gpu_fast: compiled with CUDA graphs of forward and backward) and the hand-written loop, in the same run.
+   On a CPU nothing is captured: the rows then measure the eager step.
 
-Prints a Markdown table and writes JSON (--json).
+Prints a Markdown table and writes JSON (--json). `--only graph recipe ...` measures some rows only (and writes
+JSON only where --json names a file).
 """
 
 import argparse
@@ -54,6 +59,9 @@ from resnet_lab.data.batches import (
     MixBatch,
     PadCropFlip,
 )
+from resnet_lab.graph_step import GraphStep
+
+GROUPS = ("cifar", "recipe", "graph", "overhead", "resnet50", "pipeline", "memory")
 
 
 def sync(device: torch.device) -> None:
@@ -62,8 +70,8 @@ def sync(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str):  # noqa: ANN201
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "bf16-mixed":  # no weight cache, as Lightning's: a CUDA graph cannot capture one
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -158,13 +166,14 @@ class StepTimer(L.Callback):
                 self.end = time.perf_counter()
 
 
-def lightning_rate(net, stream, device, precision, warmup, batch, compile_mode, extra=()) -> float:  # noqa: ANN001
+def lightning_rate(net, stream, device, precision, warmup, batch, compile_mode, extra=(), graph_step=False) -> float:  # noqa: ANN001
     model = ImageClassifier(
         net,
-        optimizer=functools.partial(sgd, fused=device.type == "cuda"),
+        optimizer=functools.partial(sgd, fused=device.type == "cuda" or graph_step),
         channels_last=True,
         compile=compile_mode is not None,
         compile_mode=compile_mode or "default",
+        graph_step=graph_step,
     )
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as logs:
@@ -305,6 +314,74 @@ def compare_recipe(device, precision, batch, steps, warmup, rounds, compile_mode
     }
 
 
+def graph_alone_rate(depth, device, precision, batch, steps, warmup, compile_mode) -> float:  # noqa: ANN001
+    """The graph step without Lightning or data: one fixed batch copied in and the step replayed."""
+    model = ImageClassifier(
+        CifarResNet(depth), channels_last=True, compile=compile_mode is not None, compile_mode=compile_mode or "default"
+    ).to(device)
+    optimizer = sgd(model.parameters(), fused=True)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [32000, 48000], 0.1)
+    step = GraphStep(model.loss_and_means, optimizer, scheduler, 0, steps + warmup)
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    start = 0.0
+    with autocast(device, precision):
+        for i in range(1, steps + warmup + 1):
+            step(images, labels)
+            if i == warmup:
+                sync(device)
+                start = time.perf_counter()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def compare_graph(depth, device, precision, batch, steps, warmup, rounds, compile_mode) -> list[dict]:  # noqa: ANN001
+    """Milliseconds per iteration: the graph step inside fit and alone, and the ordinary path's fit, each against
+    the hand-written loop with the ordinary path's compilation (CUDA graphs of forward and backward on a GPU).
+    Each is the best of `rounds`; every measurement compiles afresh (minutes for ResNet-110 on a GPU)."""
+    graph_compile = "default" if compile_mode is not None else None  # inductor's kernels, captured in the step's
+
+    def stream() -> CifarStream:
+        return cifar_stream(device, batch, steps)
+
+    def fit(graph_step: bool) -> float:
+        mode = graph_compile if graph_step else compile_mode
+        net = CifarResNet(depth)
+        return lightning_rate(net, stream(), device, precision, warmup, batch, mode, graph_step=graph_step)
+
+    measures = {
+        "graph step inside fit": lambda: fit(True),
+        "graph step alone (fixed batch, no Lightning)": lambda: graph_alone_rate(
+            depth, device, precision, batch, steps, warmup, graph_compile
+        ),
+        "ordinary path inside fit": lambda: fit(False),
+        "hand-written loop": lambda: raw_rate(
+            CifarResNet(depth), stream(), device, precision, warmup, batch, compile_mode
+        ),
+    }
+    ms = {}
+    for name, measure in measures.items():
+        ms[name] = 1000 * batch / best_of_one(rounds, measure)
+    reference = ms.pop("hand-written loop")
+    return [
+        {"figure": f"ms per iteration, CIFAR ResNet-{depth}, batch {batch}, {name}", "ours": value,
+         "reference": reference, "unit": "ms", "reference_name": "hand-written loop", "ratio": value / reference}
+        for name, value in ms.items()
+    ]  # fmt: skip
+
+
+def best_of_one(rounds: int, measure) -> float:  # noqa: ANN001
+    """The best of `rounds` measurements (images/s), each from a fresh compile cache."""
+    results = []
+    for _ in range(rounds):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        results.append(measure())
+        print(f"  {results[-1]:,.1f} images/s ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return max(results)
+
+
 def compare_resnet50(device, precision, batch, steps, warmup, rounds) -> dict:  # noqa: ANN001
     def rate(make_net) -> float:  # noqa: ANN001
         return raw_rate(make_net(), imagenet_stream(device, batch, steps + warmup), device, precision, warmup, batch)
@@ -420,10 +497,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="default: benchmarks/train_speed_<device>.json")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
-        "--only-recipe",
-        action="store_true",
-        help="only the recipe-presets row (no JSON written unless --json is given)",
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        help="only these rows (no JSON written unless --json is given)",
     )
+    parser.add_argument("--graph-depths", type=int, nargs="+", default=[20, 110], help="CIFAR depths of the graph rows")
     parser.add_argument("--rounds", type=int, help="alternating rounds per pair (the best kept): 1 on a GPU, 2 on CPU")
     parser.add_argument(
         "--compile-mode",
@@ -458,33 +537,41 @@ def main() -> None:
             compile_mode,
         )
 
-    recipe = compare_recipe(device, precision, cifar_batch, cifar_steps, warmup, rounds, compile_mode)
-    if args.only_recipe:
-        print(f"| {recipe['figure']} | {recipe['ours']:,.0f} | {recipe['reference']:,.0f} | {recipe['ratio']:.2f}x |")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"rows": [recipe]}, indent=2) + "\n")
-        return
-    rows.append(cifar(20))
-    rows.append(recipe)
-    rows.append(cifar(110))
-    rows.append(compare_overhead(device, precision, rounds))
-    rows.append(
-        compare_fit(
-            f"ImageNet ResNet-50, batch {big_batch}, synthetic",
-            lambda: ImageNetResNet(50),
-            lambda: imagenet_stream(device, big_batch, big_steps + 2),
-            device,
-            precision,
-            big_batch,
-            2,
-            rounds,
-            # Uncompiled: a step this long is bound by the GPU, not the host, and compiling it takes minutes.
-            None,
+    only = set(args.only or GROUPS)
+    if "cifar" in only:
+        rows.append(cifar(20))
+    if "recipe" in only:
+        rows.append(compare_recipe(device, precision, cifar_batch, cifar_steps, warmup, rounds, compile_mode))
+    if "cifar" in only:
+        rows.append(cifar(110))
+    if "graph" in only:
+        for depth in args.graph_depths:
+            steps = cifar_steps if depth < 100 else cifar_steps // 2
+            rows += compare_graph(depth, device, precision, cifar_batch, steps, warmup, rounds, compile_mode)
+    if "overhead" in only:
+        rows.append(compare_overhead(device, precision, rounds))
+    if "resnet50" in only:
+        rows.append(
+            compare_fit(
+                f"ImageNet ResNet-50, batch {big_batch}, synthetic",
+                lambda: ImageNetResNet(50),
+                lambda: imagenet_stream(device, big_batch, big_steps + 2),
+                device,
+                precision,
+                big_batch,
+                2,
+                rounds,
+                # Uncompiled: a step this long is bound by the GPU, not the host, and compiling it takes minutes.
+                None,
+            )
         )
-    )
-    rows.append(compare_resnet50(device, precision, big_batch, big_steps, 2, rounds))
-    rows += compare_pipeline(device, cifar_batch, rows[0]["ours"], workers=min(8, os.cpu_count() or 1))
-    if not args.skip_memory:
+        rows.append(compare_resnet50(device, precision, big_batch, big_steps, 2, rounds))
+    if "pipeline" in only:
+        model_rate = rows[0]["ours"] if "cifar" in only else compare_fit(
+            "", lambda: CifarResNet(20), lambda: cifar_stream(device, cifar_batch, cifar_steps), device, precision,
+            cifar_batch, warmup, 1, compile_mode)["ours"]  # fmt: skip
+        rows += compare_pipeline(device, cifar_batch, model_rate, workers=min(8, os.cpu_count() or 1))
+    if "memory" in only and not args.skip_memory:
         for depth, batch in ((110, 128), (1202, 128 if gpu else 32)):
             plain, ckpt = peak_memory(depth, batch, False, device), peak_memory(depth, batch, True, device)
             rows.append(
@@ -506,7 +593,9 @@ def main() -> None:
         "precision": precision,
         "torch": torch.__version__,
         "lightning": L.__version__,
-        "commit": subprocess.run(
+        # A copy of the working tree on a GPU machine may come without its .git: the caller then names the commit.
+        "commit": os.environ.get("RESNET_LAB_COMMIT")
+        or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
         ).stdout.strip(),
     }
@@ -520,8 +609,9 @@ def main() -> None:
         digits = 2 if r["unit"] == "ms" else 1 if "GiB" in r["unit"] or r["ours"] < 100 else 0
         ours, ref = f"{r['ours']:,.{digits}f}", f"{r['reference']:,.{digits}f}"
         print(f"| {r['figure']} | {ours} {r['unit']} | {ref} ({r['reference_name']}) | {r['ratio']:.2f}x |")
-    out = Path(args.json or Path(__file__).parent / f"train_speed_{device.type}.json")
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.json or not args.only:
+        out = Path(args.json or Path(__file__).parent / f"train_speed_{device.type}.json")
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 CUDA graph; on this CPU the same function runs eagerly every iteration, and everything around the capture is
 tested here: it trains exactly as the ordinary path (bit for bit), reads nothing back from the device, resumes
 exactly, tables the scheduler's own learning rates, and keeps the warm-up of ResNet-110 eager until its switch.
-The capture itself is checked on a GPU by benchmarks/graph_step_gpu.py (docs/benchmarks.md)."""
+On a GPU (accelerator auto) the same tests run with the capture, and the tests marked `gpu` compare the captured
+step with the eager one and check that a replay never waits for the device; docs/benchmarks.md has the speed."""
 
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,8 @@ trainer:
 """
 SCHEDULES = {
     "paper": ["--config", str(CONFIGS / "resnet20_cifar.yaml"), "--model.lr_scheduler.init_args.milestones", "[3, 6]"],
+    "paper_bf16": ["--config", str(CONFIGS / "resnet20_cifar.yaml"), "--config", str(CONFIGS / "presets" / "bf16.yaml"),
+                   "--model.lr_scheduler.init_args.milestones", "[3, 6]"],
     "warmup_until_error": ["--config", str(CONFIGS / "resnet110_cifar.yaml"), "--config", "{quick_warmup}",
                            "--model.lr_scheduler.init_args.milestones", "[5, 7]"],
     "modern": ["--config", str(CONFIGS / "resnet56_cifar_modern.yaml"),
@@ -224,3 +227,52 @@ def test_a_callback_that_needs_the_gradients_before_the_update_is_refused(tmp_pa
     data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), batch_size=4)
     with pytest.raises(ConfigError, match="ClipsItself uses a gradient hook .* which the captured step does not call"):
         quiet_trainer(tmp_path, max_steps=1, callbacks=[ClipsItself()]).fit(model, data)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the capture itself needs a GPU")
+
+
+def cuda_step(capture: bool, depth: int = 20) -> tuple[GraphStep, ImageClassifier]:
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(depth)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [10, 20], 0.1)
+    step = GraphStep(model.loss_and_means, optimizer, scheduler, step=0, total_steps=30)
+    step.capture = capture
+    return step, model
+
+
+@gpu
+def test_on_a_gpu_the_captured_step_trains_bit_for_bit_as_the_eager_one(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(128, 3, 32, 32, generator=generator).cuda(),
+                torch.randint(0, 10, (128,), generator=generator).cuda()) for _ in range(30)]  # fmt: skip
+    (graphed, a), (eager, b) = cuda_step(capture=True), cuda_step(capture=False)
+    for images, labels in batches:  # across both milestones: the learning rate changes inside the graph
+        graphed(images, labels)
+        eager(images, labels)
+    assert graphed.graph is not None and graphed.replays == 30 - 3
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), f"{name}: {(x.float() - y.float()).abs().max().item()}"
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(graphed.optimizer.state[p]["momentum_buffer"], eager.optimizer.state[q]["momentum_buffer"])
+    assert graphed.lrs.tolist() == eager.lrs.tolist() == [pytest.approx(0.001)]
+
+
+@gpu
+def test_on_a_gpu_a_replay_never_waits_for_the_device():
+    step, _ = cuda_step(capture=True)
+    images, labels = torch.randn(128, 3, 32, 32).cuda(), torch.randint(0, 10, (128,)).cuda()
+    for _ in range(4):  # three eager iterations, then the capture
+        step(images, labels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            step(images, labels)
+        with pytest.raises(RuntimeError, match="synchroniz"):  # positive control: a read back does raise
+            step.lrs.item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.replays == 21

@@ -166,7 +166,7 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
             f"it replays one process's step, and this run has {trainer.world_size} processes: train on one device "
             "(leave out presets/ddp.yaml, --trainer.devices 1)"
         )
-    elif "16-mixed" in str(trainer.precision):
+    elif str(trainer.precision) in ("16-mixed", "16"):
         refusal = "fp16's loss scaling (GradScaler) cannot be captured: use configs/presets/bf16.yaml instead"
     elif trainer.accumulate_grad_batches != 1:
         refusal = "each replay is one whole update: set --trainer.accumulate_grad_batches 1"
