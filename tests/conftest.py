@@ -158,17 +158,27 @@ class HostSyncs(TorchDispatchMode):
 
 
 class SyncsPerIteration(L.Callback):
-    """Host syncs from the start of each iteration to the end of every callback's on_train_batch_end (this
-    callback comes last)."""
+    """Host syncs of each iteration, recorded without a gap from the start of training: the ops from one
+    iteration's on_train_batch_end (this callback's) to the next are the next iteration's, whatever the callbacks'
+    order. That is the batch's fetch, transfer and augmentation, every callback's hooks and the step, and also what
+    Lightning does after an iteration's hooks: the loggers' writes of a logging iteration fall in the iteration
+    after it, and the first iteration of an epoch holds the epoch's set-up (its order of batches)."""
 
     def __init__(self) -> None:
         self.per_step: dict[int, list[str]] = {}
         self.mode: HostSyncs | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         self.mode = HostSyncs()
         self.mode.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.per_step[trainer.global_step], self.mode.ops = self.mode.ops, []
+
+    def on_train_end(self, trainer, pl_module) -> None:
         self.mode.__exit__(None, None, None)
-        self.per_step[trainer.global_step] = self.mode.ops
+
+    def between_logging(self, logging_steps: set[int]) -> dict[int, list[str]]:
+        """The syncs of the iterations that are neither a logging iteration, nor the one after it, nor the first."""
+        after = {step + 1 for step in logging_steps}
+        return {s: ops for s, ops in self.per_step.items() if ops and s not in logging_steps | after | {1}}

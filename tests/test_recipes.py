@@ -279,3 +279,39 @@ def test_our_ema_averages_as_torch_s_without_reading_its_count_from_the_device()
     resumed = _HostCountAveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     resumed.load_state_dict(ours.state_dict())
     assert resumed.host_count == 5  # a resume goes on averaging rather than copying afresh
+
+
+def test_the_presets_stacked_wait_on_the_device_only_where_the_loggers_write(cifar_root, tmp_path, monkeypatch):
+    """Every preset but the augmentations and the mixing: torchvision's transforms draw their random choices on
+    the CPU and read them there (`int(torch.randint(...))`, `float(Beta.sample())`, per image or per batch: host
+    time, measured in the benchmark row, but no wait for the device), which a check on a CPU cannot tell from a
+    value read off the device."""
+    monkeypatch.chdir(tmp_path)
+    presets = ("label_smoothing", "cosine", "no_norm_weight_decay", "grad_clip", "ema")
+    run = experiment(cifar_root, *presets, extra=("--trainer.max_steps", "7", "--trainer.log_every_n_steps", "4",
+                     "--trainer.limit_val_batches", "0", "--model.lr_scheduler.init_args.warmup_steps", "2",
+                     "--trainer.callbacks+=conftest.SyncsPerIteration"))  # fmt: skip
+    cli = ResNetLabCLI(args=["fit", *run])
+    syncs = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SyncsPerIteration")
+    assert set(syncs.per_step) == set(range(1, 8))
+    assert syncs.between_logging({4, 7}) == {}
+    assert syncs.per_step[5]  # positive control: after iteration 4's hooks, the NaN check and the loggers read
+
+
+@pytest.mark.parametrize(
+    "preset", ["trivialaugment", "randaugment", "autoaugment", "random_erasing", "mixup", "cutmix"]
+)
+def test_the_augmentation_and_mixing_presets_never_read_a_value_of_the_batch(cifar_root, preset):
+    """Applied to a batch on PyTorch's meta device (shapes without values: reading one raises), each runs through:
+    its random choices are drawn and read on the host alone, so on a GPU no image waits for the device."""
+    augmentation = ResNetLabCLI(args=experiment(cifar_root, preset), run=False).datamodule.augmentations[-1]
+    images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
+    draws = augmentation.draw(16, torch.Generator().manual_seed(0))
+    if hasattr(augmentation, "mix"):
+        labels = torch.empty(16, dtype=torch.long, device="meta")
+        mixed, soft = augmentation.mix(images.float(), labels, draws, 10)
+        assert mixed.shape == (16, 3, 32, 32) and soft.shape == (16, 10)
+    else:
+        assert augmentation.apply(images, draws).shape == (16, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="meta"):  # positive control: a value read off the batch does raise
+        images.sum().item()

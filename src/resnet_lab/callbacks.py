@@ -308,6 +308,9 @@ class ThrottledProgressBar(TQDMProgressBar):
         interval_s: the least time between two redraws of the training bar.
     """
 
+    # What it shows of training besides what is logged with prog_bar=True: the means of the last logging window.
+    training_metrics = ("train/loss", "train/err_top1")
+
     def __init__(self, interval_s: float = 0.25) -> None:
         super().__init__()
         self.interval_s = interval_s
@@ -335,8 +338,12 @@ class ThrottledProgressBar(TQDMProgressBar):
             bar.refresh()
 
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        # The training window's latest means, read here, when the bar redraws: logged with prog_bar=True, Lightning
+        # would read them back from the device after every iteration.
+        shown = {k: trainer.callback_metrics.get(k) for k in self.training_metrics}
+        items = {k: float(v) for k, v in shown.items() if isinstance(v, torch.Tensor)}
         # The run's whole version (`seed1`, `version_3`) rather than Lightning's last four characters of it.
-        items = super().get_metrics(trainer, pl_module)
+        items |= super().get_metrics(trainer, pl_module)
         version = items.pop("v_num", None)
         if version is not None and trainer.logger is not None:
             version = trainer.logger.version

@@ -16,10 +16,8 @@ from resnet_lab.errors import ConfigError
 from resnet_lab.graph_step import GraphStep, carry_step_count, check_supported, counting
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
-# The training window's means the progress bar shows (read only when the bar redraws, a few times a second).
 # Throughout, accuracies are fractions (`acc_*`, as torchmetrics gives them) and errors percentages (`err_*`, as the
 # paper's tables and figures state them).
-PROGRESS_BAR_METRICS = ("train/loss", "train/err_top1")
 # What `norm_and_bias_weight_decay` counts as normalization (torchvision's `set_weight_decay` takes the same).
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -167,8 +165,8 @@ class ImageClassifier(L.LightningModule):
         # micro-batch of its steps.
         if self._completes_optimizer_step(batch_idx) and self._loggers_write_after_this_step():
             window = self.train_means.named(self.train_means.take(0), "train/")
-            shown = {k: window.pop(k) for k in PROGRESS_BAR_METRICS if k in window}
-            self.log_dict(shown, on_step=True, on_epoch=False, prog_bar=True)
+            # Not prog_bar=True: Lightning reads every progress-bar value back to the host after every iteration, a
+            # sync each on a GPU. The bar reads these itself when it redraws (callbacks.ThrottledProgressBar).
             self.log_dict(window, on_step=True, on_epoch=False)
         if self.graph is not None:
             self.optimizers().step()  # counts the iteration: the update is already made
