@@ -303,7 +303,8 @@ class GraphStep:
                 return out
             self.graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
+            # thread_local: a loader's pin-memory thread may use CUDA while this thread captures.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.static = (fixed_images, fixed_labels, *self._iteration(fixed_images, fixed_labels))
         self.graph.replay()
         self.replays += 1
