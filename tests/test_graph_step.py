@@ -42,14 +42,17 @@ SCHEDULES = {
 }  # fmt: skip
 
 
-def fit(cifar_root: Path, tmp_path: Path, schedule: str, *extra: str) -> ResNetLabCLI:
+def fit(cifar_root: Path, tmp_path: Path, schedule: str, *extra: str, accelerator: str = "cpu") -> ResNetLabCLI:
+    """On the CPU unless told: a GPU's fused SGD computes with a float64 learning rate given as a number and a
+    float32 one given as a tensor, so there the two paths agree to rounding only (test_on_a_gpu_...)."""
     warmup = tmp_path / "quick_warmup.yaml"
     warmup.write_text(QUICK_WARMUP)
     experiment = [arg.format(quick_warmup=warmup) for arg in SCHEDULES[schedule]]
     args = ["fit", *experiment, "--data.root", str(cifar_root), "--data.val_size", "50", "--data.batch_size", "16",
             "--data.num_workers", "0", "--model.backbone.init_args.depth", "8", "--trainer.limit_val_batches", "1",
             "--trainer.limit_train_batches", "4", "--trainer.max_steps", str(STEPS), "--trainer.log_every_n_steps", "2",
-            "--trainer.deterministic", "true", "--model.optimizer.init_args.fused", "true", *QUIET, *extra]  # fmt: skip
+            "--trainer.deterministic", "true", "--model.optimizer.init_args.fused", "true",
+            "--trainer.accelerator", accelerator, *QUIET, *extra]  # fmt: skip
     return ResNetLabCLI(args=args)
 
 
@@ -111,25 +114,28 @@ def test_the_graph_step_trains_bit_for_bit_as_the_ordinary_path(cifar_root, tmp_
         assert graphed.model.graph.table_from == 0
 
 
-def test_a_graph_step_run_resumes_exactly_and_either_path_resumes_the_other(cifar_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["warmup_until_error", "paper"])
+def test_a_graph_step_run_resumes_exactly_and_either_path_resumes_the_other(
+    cifar_root, tmp_path, monkeypatch, schedule
+):
+    """Resumed at iteration 3: after the warm-up's switch, or on the paper schedule's first milestone (MultiStepLR
+    computes each learning rate from the last one, which the restored optimizer holds)."""
     monkeypatch.chdir(tmp_path)
     every_3 = ["--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null"]
     graph = ["--config", str(CONFIGS / "presets" / "gpu_graph.yaml")]
-    straight = fit(cifar_root, tmp_path, "warmup_until_error", *graph, *every_3)
+    straight = fit(cifar_root, tmp_path, schedule, *graph, *every_3)
     folder = Path(straight.trainer.log_dir) / "checkpoints"
     ends = []
     for path in ([*graph], []):  # resumed at iteration 3 (after the warm-up's switch) by the graph, then eagerly
-        resumed = fit(cifar_root, tmp_path, "warmup_until_error", *path, "--ckpt_path", str(folder / "best-step3.ckpt"))
+        resumed = fit(cifar_root, tmp_path, schedule, *path, "--ckpt_path", str(folder / "best-step3.ckpt"))
         ends.append(torch.load(Path(resumed.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=False))
     ends.append(torch.load(folder / "last.ckpt", weights_only=False))
     assert_same_training(ends[2], ends[0])
     assert_same_training(ends[2], ends[1])
     # ... and the eager path's checkpoint resumes under the graph likewise.
-    eager = fit(cifar_root, tmp_path, "warmup_until_error", *every_3)
+    eager = fit(cifar_root, tmp_path, schedule, *every_3)
     eager_folder = Path(eager.trainer.log_dir) / "checkpoints"
-    resumed = fit(
-        cifar_root, tmp_path, "warmup_until_error", *graph, "--ckpt_path", str(eager_folder / "best-step3.ckpt")
-    )
+    resumed = fit(cifar_root, tmp_path, schedule, *graph, "--ckpt_path", str(eager_folder / "best-step3.ckpt"))
     assert resumed.model.graph.table_from == 3
     assert_same_training(
         torch.load(eager_folder / "last.ckpt", weights_only=False),
@@ -220,6 +226,15 @@ def test_the_lr_table_is_the_scheduler_s_own_sequence_over_the_whole_schedule(ma
     assert resumed.state_dict() == resumed_state and resumed_optimizer.param_groups[0]["lr"] == exact[40000, 0].item()
 
 
+def test_a_schedule_that_also_cycles_the_momentum_is_refused():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    cycling = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100)
+    with pytest.raises(ConfigError, match="OneCycleLR also changes momentum during the run"):
+        lr_table(optimizer, cycling, 0, 100)
+    steady = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=100, cycle_momentum=False)
+    assert lr_table(optimizer, steady, 0, 100).shape == (101, 1)
+
+
 def test_a_callback_that_needs_the_gradients_before_the_update_is_refused(tmp_path):
     class ClipsItself(Callback):  # what a fork's gradient logger or clipper looks like
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -278,3 +293,19 @@ def test_on_a_gpu_a_replay_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.replays == 21
+
+
+@gpu
+def test_on_a_gpu_a_graph_step_fit_trains_as_the_ordinary_one_to_rounding(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ordinary = fit(cifar_root, tmp_path, "paper", "--trainer.logger.init_args.version", "ordinary", accelerator="gpu")
+    graphed = fit(cifar_root, tmp_path, "paper", "--trainer.logger.init_args.version", "graph", "--config",
+                  str(CONFIGS / "presets" / "gpu_graph.yaml"), accelerator="gpu")  # fmt: skip
+    assert graphed.model.graph.replays == STEPS - 3  # three eager iterations, then the graph
+    runs = tmp_path / "logs" / ordinary.config.fit.experiment
+    a = torch.load(runs / "ordinary" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    b = torch.load(runs / "graph" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert a["global_step"] == b["global_step"] == STEPS and a["lr_schedulers"] == b["lr_schedulers"]
+    assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
+    for name, value in a["state_dict"].items():  # the float32 learning rate's rounding, grown over 8 iterations
+        assert torch.allclose(value.float(), b["state_dict"][name].float(), rtol=1e-3, atol=1e-5), name

@@ -62,9 +62,20 @@ class CountingOptimizer(Optimizer):
 
     def __init__(self, optimizer: Optimizer) -> None:  # no super().__init__(): every attribute is the wrapped one's
         self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
+
+    # Read through, never kept: `load_state_dict` gives the wrapped optimizer new group and state objects, which the
+    # scheduler (built on this optimizer) must step.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: ANN401 - whatever the closure returns
         return closure() if closure is not None else None
@@ -114,9 +125,18 @@ def lr_table(optimizer: Optimizer, scheduler: LRScheduler | None, start: int, st
         rows *= stop - start + 1
     else:
         schedule = detached_copy(scheduler)
+        settings = [{k: v for k, v in g.items() if k not in ("lr", "params")} for g in schedule.optimizer.param_groups]
         for _ in range(start, stop):
             step_quietly(schedule)
             rows.append(group_lrs(schedule.optimizer))
+            now = [{k: v for k, v in g.items() if k not in ("lr", "params")} for g in schedule.optimizer.param_groups]
+            if now != settings:  # OneCycleLR and CyclicLR cycle the momentum too, which the graph holds fixed
+                changed = sorted({k for a, b in zip(settings, now, strict=True) for k in a if a[k] != b.get(k)})
+                raise ConfigError(
+                    f"--model.graph_step true: {type(scheduler).__name__} also changes {', '.join(changed)} during "
+                    "the run, and the captured step tables only the learning rate: use a schedule of the learning "
+                    "rate alone (or cycle_momentum: false)"
+                )
     table = torch.full((stop + 1, len(rows[0])), float("nan"), dtype=torch.float64)
     table[start:] = torch.tensor(rows, dtype=torch.float64)
     return table.float()
@@ -151,6 +171,12 @@ def carry_step_count(checkpoint: dict, graph_step: bool) -> None:
         automatic["zero_grad"] = {
             when: {**counts, "started": counts["ready"]} for when, counts in copy.deepcopy(loops[MANUAL]).items()
         }
+
+
+def compiles_cuda_graphs(mode: str) -> bool:
+    from torch._inductor import list_mode_options  # here: loading inductor costs the command line a second
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
@@ -192,11 +218,19 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
             "the step tables the learning rate of every iteration ahead, and this schedule is stepped per epoch: give "
             "it in iterations with --model.scheduler_interval step"
         )
-    elif module.compiled and module.hparams.get("compile_mode") == "reduce-overhead":
+    elif module.compiled and compiles_cuda_graphs(module.hparams.get("compile_mode")):
         refusal = (
-            "compile_mode reduce-overhead records CUDA graphs of its own, which cannot be captured inside the step's: "
-            "use compile_mode default (configs/presets/gpu_graph.yaml does)"
+            f"compile_mode {module.hparams.get('compile_mode')} records CUDA graphs of its own, which cannot be "
+            "captured inside the step's: use compile_mode default or max-autotune-no-cudagraphs "
+            "(configs/presets/gpu_graph.yaml sets default)"
         )
+    elif getattr(module.backbone, "activation_checkpointing", False):
+        refusal = (
+            "activation checkpointing saves and restores the CUDA random state around each recomputed unit, which "
+            "a capture cannot: train with activation_checkpointing false, or without graph_step"
+        )
+    elif trainer.max_steps < 0 and (trainer.max_epochs is None or trainer.max_epochs < 0):
+        refusal = "the step tables the learning rate of the whole run, which has no end: set --trainer.max_steps"
     elif hooked:
         refusal = (
             f"{hooked[0]} uses a gradient hook ({', '.join(GRADIENT_HOOKS)}), which the captured step does "
@@ -244,6 +278,7 @@ class GraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_left = EAGER_ITERATIONS_BEFORE_CAPTURE
         self.static: tuple[Tensor, ...] | None = None  # images, labels, loss, means
+        self.host_lrs: list[float] = []
         self.replays = 0
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,15 +299,17 @@ class GraphStep:
     def _iteration(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The whole iteration; on a GPU, what the graph records. Nothing in it reads a value back to the host."""
         self.optimizer.zero_grad(set_to_none=True)  # when captured: the backward allocates them in the graph's pool
-        loss, means = self.loss_and_means(images, labels)
-        loss.backward()
-        self.optimizer.step()
-        if self.table is not None:
-            self.counter += 1
-            self.lrs.copy_(self.table.index_select(0, self.counter.view(1)).view(-1))  # the next iteration's
+        loss, means = self.loss_and_means(images, labels)  # under the precision's autocast, as Lightning's step
+        with torch.autocast(self.device.type, enabled=False):  # the backward and update outside it, as Lightning's
+            loss.backward()
+            self.optimizer.step()
+            if self.table is not None:
+                self.counter += 1
+                self.lrs.copy_(self.table.index_select(0, self.counter.view(1)).view(-1))  # the next iteration's
         return loss.detach(), means
 
     def _start_table(self) -> None:
+        self.host_lrs = group_lrs(self.optimizer)  # as given, not rounded to float32: what a checkpoint keeps
         self.table = lr_table(self.optimizer, self.scheduler, self.step_now, self.total_steps).to(self.device)
         self.table_from = self.step_now
         self.counter.fill_(self.step_now)
@@ -313,9 +350,9 @@ class GraphStep:
     def scheduler_state(self) -> tuple[list[dict], list[float]]:
         """Bring the scheduler up to the current iteration, as the ordinary path would have stepped it; returns its
         state and the groups' learning rates as floats, for a checkpoint."""
-        if self.schedule is None:
+        if self.schedule is None:  # no schedule (a constant learning rate), or the table is not made yet
             states = [self.scheduler.state_dict()] if self.scheduler is not None else []
-            return states, (group_lrs(self.optimizer) if self.table is None else self.table[self.step_now].tolist())
+            return states, (group_lrs(self.optimizer) if self.table is None else self.host_lrs)
         for _ in range(self.schedule_step, self.step_now):
             step_quietly(self.schedule)
         self.schedule_step = self.step_now
@@ -325,6 +362,7 @@ class GraphStep:
     def finish(self) -> None:
         """Leave the optimizer and the scheduler as the ordinary path would: floats in the groups, the scheduler at
         the current iteration."""
+        self.graph = self.static = None  # the graph's memory pool goes back (a test after fit needs none of it)
         if self.table is None:
             return
         _, lrs = self.scheduler_state()
