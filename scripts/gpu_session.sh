@@ -9,9 +9,11 @@
 #   speed110  the same rows for ResNet-110
 #   rows      the rows never measured on a GPU: the recipe presets (issue 14), ResNet-50 bf16 images/s (synthetic
 #             224 px) and ResNet-1202 peak memory with activation checkpointing
-# On the device machine (no jsonargparse there: carry its wheels, made with pip download as the device README says;
-# the whole run needs more than one command's 10 minutes: split the stages over two calls):
-#   run(command="RESNET_LAB_COMMIT=<commit> bash scripts/gpu_session.sh tests speed20 fit20", carry=[".whl"])
+# Estimated times on an H100/H200 (not yet measured: compiles dominate): tests 1-2 min, speed20 3-4 min, fit20 4-5
+# min, speed110 6-8 min, rows 2-3 min. A session's device time is 15 minutes in all, the machine's start (a minute
+# or two) included, and one command may run 10: run the stages in order of need, e.g. `tests fit20` first.
+# On the device machine (no jsonargparse there: carry its wheels, made with pip download as the device README says):
+#   run(command="RESNET_LAB_COMMIT=<commit> bash scripts/gpu_session.sh tests fit20", carry=[".whl"])
 # Here, end to end on the CPU with tiny settings (nothing is captured on a CPU):
 #   TINY=1 bash scripts/gpu_session.sh
 set -uo pipefail

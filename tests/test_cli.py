@@ -6,7 +6,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar, TQDMProgressBar
 
-from conftest import CONFIGS, QUIET, data_class, transformed
+from conftest import CONFIGS, QUIET, TINY_RUN, data_class, transformed
 from resnet_lab import ImageClassifier
 from resnet_lab.callbacks import ThrottledProgressBar, WarmupUntilTrainError
 from resnet_lab.cli import ResNetLabCLI, main
@@ -263,3 +263,18 @@ def test_the_progress_bar_after_a_resume_mid_epoch(cifar_root, tmp_path, capfd):
     assert re.search(r"Epoch 0:  50%.* 2/4 ", bar), bar  # resumed after 2 of the 4 iterations this epoch trains
     assert re.search(r"Epoch 0: 100%.* 4/4 .*train/loss=[\d.]+, train/err_top1=[\d.]+.*run=version_1", bar), bar
     assert not re.search(r"Epoch 0: .*/\?", bar)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_true_precision_trains_and_tests_on_the_device_batches(cifar_root, tmp_path, monkeypatch, precision):
+    """The device-resident batches are made after Lightning converts a batch to the precision's input type: they
+    are converted here, as is the example input the network graph is traced with."""
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(cifar_root), *TINY_RUN,
+          "--model.backbone.init_args.depth", "8", "--trainer.precision", precision, "--test_after_fit", "true",
+          "--trainer.logger.init_args.log_graph", "true"])  # fmt: skip
+    last = torch.load(
+        tmp_path / "logs" / "resnet20_cifar" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False
+    )
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    assert last["global_step"] == 6 and last["state_dict"]["backbone.fc.weight"].dtype == dtype

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -235,6 +236,14 @@ def test_a_schedule_that_also_cycles_the_momentum_is_refused():
     assert lr_table(optimizer, steady, 0, 100).shape == (101, 1)
 
 
+def test_an_accumulation_schedule_is_refused(tmp_path):
+    model = ImageClassifier(CifarResNet(8), optimizer=partial(torch.optim.SGD, lr=0.1, fused=True), graph_step=True)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), batch_size=4)
+    accumulating = GradientAccumulationScheduler({0: 2})
+    with pytest.raises(ConfigError, match="set --trainer.accumulate_grad_batches 1, with no GradientAccumulation"):
+        quiet_trainer(tmp_path, max_steps=1, callbacks=[accumulating]).fit(model, data)
+
+
 def test_a_callback_that_needs_the_gradients_before_the_update_is_refused(tmp_path):
     class ClipsItself(Callback):  # what a fork's gradient logger or clipper looks like
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -309,3 +318,12 @@ def test_on_a_gpu_a_graph_step_fit_trains_as_the_ordinary_one_to_rounding(cifar_
     assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
     for name, value in a["state_dict"].items():  # the float32 learning rate's rounding, grown over 8 iterations
         assert torch.allclose(value.float(), b["state_dict"][name].float(), rtol=1e-3, atol=1e-5), name
+
+
+def test_ckpt_path_last_finds_the_run_with_or_without_the_graph_step(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    graph = ["--config", str(CONFIGS / "presets" / "gpu_graph.yaml")]
+    first = fit(cifar_root, tmp_path, "paper", *graph, "--trainer.max_steps", "3")
+    resumed = fit(cifar_root, tmp_path, "paper", "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert resumed.trainer.log_dir == first.trainer.log_dir and resumed.trainer.global_step == 3
+    assert resumed.model.graph is None  # the command's own setting: the ordinary path

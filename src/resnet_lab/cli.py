@@ -359,7 +359,11 @@ class ResNetLabCLI(LightningCLI):
         if saved is None:
             return ["no config.yaml this version can read"]
         mine = self.config_as_given if self.config_as_given is not None else config
-        differences = [(k, a, b) for k, a, b in config_differences(mine, saved) if k != "ckpt_path"]
+        differences = [
+            (k, a, b)
+            for k, a, b in config_differences(mine, saved)
+            if k != "ckpt_path" and k.removeprefix("model.") not in HOW_TO_RUN  # how it runs: this command's
+        ]
         if self.subcommand != "fit":  # an evaluation takes its own batches and limits: only the network must agree
             differences = [(k, a, b) for k, a, b in differences if k.startswith("model.backbone.")]
         if mine.get("seed_everything") != saved.get("seed_everything"):

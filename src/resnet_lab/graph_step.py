@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
 from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -183,9 +184,14 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
     """Refuse, in one line, what a captured step cannot train as the ordinary path does. Called when the trainer is
     made (before any data-parallel process starts) and again when fit starts."""
     refusal = None
-    optimizer = module.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    # The optimizer and the schedule as the run will build them, over a stand-in parameter: the trainer is made
+    # before the module's own are.
+    optimizer = module.build_optimizer([torch.nn.Parameter(torch.zeros(1))])
     schedule = module.lr_scheduler(optimizer) if module.lr_scheduler is not None else None
-    hooked = [type(c).__name__ for c in trainer.callbacks if any(overridden(c, Callback, h) for h in GRADIENT_HOOKS)]
+    backend, mode = module.hparams.get("compile_backend", "inductor"), module.hparams.get("compile_mode")
+    own_graphs = backend == "cudagraphs" or (backend == "inductor" and compiles_cuda_graphs(mode))
+    callbacks = trainer.callbacks
+    hooked = [type(c).__name__ for c in callbacks if any(overridden(c, Callback, h) for h in GRADIENT_HOOKS)]
     hooked += [type(module).__name__] if any(overridden(module, LightningModule, h) for h in GRADIENT_HOOKS) else []
     if trainer.world_size > 1:
         refusal = (
@@ -194,8 +200,16 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
         )
     elif str(trainer.precision) in ("16-mixed", "16"):
         refusal = "fp16's loss scaling (GradScaler) cannot be captured: use configs/presets/bf16.yaml instead"
-    elif trainer.accumulate_grad_batches != 1:
-        refusal = "each replay is one whole update: set --trainer.accumulate_grad_batches 1"
+    elif trainer.accumulate_grad_batches != 1 or any(isinstance(c, GradientAccumulationScheduler) for c in callbacks):
+        refusal = (
+            "each replay is one whole update: set --trainer.accumulate_grad_batches 1, with no "
+            "GradientAccumulationScheduler"
+        )
+    elif any(isinstance(c, StochasticWeightAveraging) for c in callbacks):
+        refusal = (
+            "StochasticWeightAveraging swaps in a schedule of its own during the run, which the tabled learning rate "
+            "would ignore: leave it out (presets/ema.yaml averages the weights without touching the schedule)"
+        )
     elif trainer.gradient_clip_val:
         refusal = "gradient clipping is not in the captured step: leave out presets/grad_clip.yaml"
     elif type(optimizer) is not SGD:
@@ -216,13 +230,15 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
     elif schedule is not None and module.scheduler_interval != "step":
         refusal = (
             "the step tables the learning rate of every iteration ahead, and this schedule is stepped per epoch: give "
-            "it in iterations with --model.scheduler_interval step"
+            "it in iterations, its milestones (or other lengths) converted to iterations too, with "
+            "--model.scheduler_interval step"
         )
-    elif module.compiled and compiles_cuda_graphs(module.hparams.get("compile_mode")):
+    elif module.compiled and own_graphs:
+        what = f"compile_backend {backend}" if backend == "cudagraphs" else f"compile_mode {mode}"
         refusal = (
-            f"compile_mode {module.hparams.get('compile_mode')} records CUDA graphs of its own, which cannot be "
-            "captured inside the step's: use compile_mode default or max-autotune-no-cudagraphs "
-            "(configs/presets/gpu_graph.yaml sets default)"
+            f"{what} records CUDA graphs of its own, which cannot be captured inside the step's: use compile_mode "
+            "default or max-autotune-no-cudagraphs with the inductor backend (configs/presets/gpu_graph.yaml sets "
+            "default)"
         )
     elif getattr(module.backbone, "activation_checkpointing", False):
         refusal = (
@@ -230,7 +246,10 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
             "a capture cannot: train with activation_checkpointing false, or without graph_step"
         )
     elif trainer.max_steps < 0 and (trainer.max_epochs is None or trainer.max_epochs < 0):
-        refusal = "the step tables the learning rate of the whole run, which has no end: set --trainer.max_steps"
+        refusal = (
+            "the step tables the learning rate of the whole run, which has no end: set --trainer.max_steps (or "
+            "--trainer.max_epochs)"
+        )
     elif hooked:
         refusal = (
             f"{hooked[0]} uses a gradient hook ({', '.join(GRADIENT_HOOKS)}), which the captured step does "
@@ -238,6 +257,8 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
         )
     if refusal is not None:
         raise ConfigError(f"--model.graph_step true: {refusal}")
+    if schedule is not None:  # a schedule that cycles the momentum (OneCycleLR) shows it in its first steps
+        lr_table(optimizer, schedule, 0, 3)
 
 
 class GraphStep:

@@ -128,7 +128,8 @@ class ImageClassifier(L.LightningModule):
         # (which torch.jit.trace cannot do through a compiled backbone).
         size = getattr(self.trainer.datamodule, "input_size", None) if self._trainer else None
         if size is not None and not self.compiled:
-            self.example_input_array = torch.zeros(2, 3, size, size)
+            # In the precision's input type (64-true, bf16-true, ...), as Lightning converts every batch.
+            self.example_input_array = self.trainer.precision_plugin.convert_input(torch.zeros(2, 3, size, size))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x.contiguous(memory_format=self.memory_format))
@@ -280,11 +281,15 @@ class ImageClassifier(L.LightningModule):
         exempted = [p for p in self.parameters() if id(p) in exempt]
         return [{"params": decayed}, {"params": exempted, "weight_decay": self.norm_and_bias_weight_decay}]
 
-    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
+    def build_optimizer(self, parameters: list) -> torch.optim.Optimizer:
+        """`optimizer` over `parameters`, its own argument checks made one-line errors."""
         try:
-            optimizer = self.optimizer(self.parameter_groups())
-        except ValueError as err:  # torch checks its arguments: "Invalid learning rate: -0.1"
+            return self.optimizer(parameters)
+        except (ValueError, RuntimeError) as err:  # "Invalid learning rate: -0.1", "fused and foreach cannot be..."
             raise ConfigError(f"the optimizer cannot be built: {err}; check --model.optimizer.init_args") from err
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
+        optimizer = self.build_optimizer(self.parameter_groups())
         if self.graph_step:
             optimizer = counting(optimizer)
         if self.lr_scheduler is None:

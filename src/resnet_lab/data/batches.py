@@ -379,4 +379,7 @@ class InMemoryDataModule(ClassificationDataModule):
         if not (isinstance(batch, tuple | list) and len(batch) == 3 and isinstance(batch[2], int)):
             return batch
         images, labels, key = batch
-        return self.batch_transforms(images, labels, key, *self._share())
+        images, labels = self.batch_transforms(images, labels, key, *self._share())
+        # Lightning converts a batch to the precision's input type (64-true, bf16-true, ...) before this hook, when
+        # these images were still uint8.
+        return self.trainer.precision_plugin.convert_input((images, labels)) if self.trainer else (images, labels)
