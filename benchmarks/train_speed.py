@@ -263,18 +263,18 @@ def compare_overhead(device, precision, rounds) -> dict:  # noqa: ANN001
     }
 
 
-def best_of(rounds: int, ours, reference) -> tuple[float, float]:  # noqa: ANN001
-    """Alternate the two measurements `rounds` times and keep each one's best: on a shared machine interference
-    only ever slows a run down, so the best is the least disturbed."""
-    results: tuple[list[float], list[float]] = ([], [])
+def best_of(rounds: int, *measures) -> tuple[float, ...]:  # noqa: ANN002
+    """Alternate the measurements (images/s) `rounds` times and keep each one's best: on a shared machine
+    interference only ever slows a run down, so the best is the least disturbed."""
+    results: list[list[float]] = [[] for _ in measures]
     for _ in range(rounds):
-        for measure, out in ((ours, results[0]), (reference, results[1])):
+        for measure, out in zip(measures, results, strict=True):
             torch.manual_seed(0)
             torch._dynamo.reset()  # a compile must not see the previous network's shapes (dynamic-shape recompiles)
             start = time.perf_counter()
             out.append(measure())
             print(f"  {out[-1]:,.1f} images/s ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    return max(results[0]), max(results[1])
+    return tuple(max(out) for out in results)
 
 
 def compare_fit(name, make_net, make_stream, device, precision, batch, warmup, rounds, compile_mode) -> dict:  # noqa: ANN001
@@ -338,7 +338,7 @@ def graph_alone_rate(depth, device, precision, batch, steps, warmup, compile_mod
 def compare_graph(depth, device, precision, batch, steps, warmup, rounds, compile_mode) -> list[dict]:  # noqa: ANN001
     """Milliseconds per iteration: the graph step inside fit and alone, and the ordinary path's fit, each against
     the hand-written loop with the ordinary path's compilation (CUDA graphs of forward and backward on a GPU).
-    Each is the best of `rounds`; every measurement compiles afresh (minutes for ResNet-110 on a GPU)."""
+    Each is the best of `rounds`, alternated; every measurement compiles afresh (minutes for ResNet-110 on a GPU)."""
     graph_compile = "default" if compile_mode is not None else None  # inductor's kernels, captured in the step's
 
     def stream() -> CifarStream:
@@ -359,27 +359,13 @@ def compare_graph(depth, device, precision, batch, steps, warmup, rounds, compil
             CifarResNet(depth), stream(), device, precision, warmup, batch, compile_mode
         ),
     }
-    ms = {}
-    for name, measure in measures.items():
-        ms[name] = 1000 * batch / best_of_one(rounds, measure)
+    ms = {name: 1000 * batch / rate for name, rate in zip(measures, best_of(rounds, *measures.values()), strict=True)}
     reference = ms.pop("hand-written loop")
     return [
         {"figure": f"ms per iteration, CIFAR ResNet-{depth}, batch {batch}, {name}", "ours": value,
          "reference": reference, "unit": "ms", "reference_name": "hand-written loop", "ratio": value / reference}
         for name, value in ms.items()
     ]  # fmt: skip
-
-
-def best_of_one(rounds: int, measure) -> float:  # noqa: ANN001
-    """The best of `rounds` measurements (images/s), each from a fresh compile cache."""
-    results = []
-    for _ in range(rounds):
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        results.append(measure())
-        print(f"  {results[-1]:,.1f} images/s ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    return max(results)
 
 
 def compare_resnet50(device, precision, batch, steps, warmup, rounds) -> dict:  # noqa: ANN001

@@ -241,7 +241,7 @@ class ResNetLabCLI(LightningCLI):
         presets/gpu_graph.yaml is to use it, whichever path wrote the checkpoint."""
         config = self.config.get(self.config.get("subcommand") or "")
         given = _network(config)
-        how = {key: config.get(f"model.{key}") for key in HOW_TO_RUN if isinstance(config, Namespace)}
+        how = {key: config.get(f"model.{key}") for key in HOW_TO_RUN} if isinstance(config, Namespace) else {}
         super()._parse_ckpt_path()
         config_now = self.config.get(self.config.get("subcommand") or "")
         for key, value in how.items():  # how to run it is this command's, what is trained the checkpoint's

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, StochasticWeightAveraging
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -109,6 +110,11 @@ def group_lrs(optimizer: Optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
+def group_settings(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """Each group's settings but its learning rate."""
+    return [{k: v for k, v in group.items() if k not in ("lr", "params")} for group in optimizer.param_groups]
+
+
 def step_quietly(scheduler: LRScheduler) -> None:
     with warnings.catch_warnings():  # the optimizer's own step() is not the update: torch warns that it looks unused
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
@@ -126,11 +132,11 @@ def lr_table(optimizer: Optimizer, scheduler: LRScheduler | None, start: int, st
         rows *= stop - start + 1
     else:
         schedule = detached_copy(scheduler)
-        settings = [{k: v for k, v in g.items() if k not in ("lr", "params")} for g in schedule.optimizer.param_groups]
+        settings = group_settings(schedule.optimizer)
         for _ in range(start, stop):
             step_quietly(schedule)
             rows.append(group_lrs(schedule.optimizer))
-            now = [{k: v for k, v in g.items() if k not in ("lr", "params")} for g in schedule.optimizer.param_groups]
+            now = group_settings(schedule.optimizer)
             if now != settings:  # OneCycleLR and CyclicLR cycle the momentum too, which the graph holds fixed
                 changed = sorted({k for a, b in zip(settings, now, strict=True) for k in a if a[k] != b.get(k)})
                 raise ConfigError(
@@ -147,10 +153,6 @@ def lr_ahead_known(scheduler: LRScheduler | None) -> bool:
     """Whether the learning rate of every later iteration is known now: False while a warm-up waits for a callback
     to end it (`WarmupMultiStepLR` with `warmup_steps: null`)."""
     return getattr(scheduler, "lr_ahead_known", True)
-
-
-def overridden(obj: object, base: type, hook: str) -> bool:
-    return getattr(type(obj), hook, None) is not getattr(base, hook, None)
 
 
 AUTOMATIC = "epoch_loop.automatic_optimization.optim_progress"
@@ -191,8 +193,7 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
     backend, mode = module.hparams.get("compile_backend", "inductor"), module.hparams.get("compile_mode")
     own_graphs = backend == "cudagraphs" or (backend == "inductor" and compiles_cuda_graphs(mode))
     callbacks = trainer.callbacks
-    hooked = [type(c).__name__ for c in callbacks if any(overridden(c, Callback, h) for h in GRADIENT_HOOKS)]
-    hooked += [type(module).__name__] if any(overridden(module, LightningModule, h) for h in GRADIENT_HOOKS) else []
+    hooked = [type(c).__name__ for c in [*callbacks, module] if any(is_overridden(h, c) for h in GRADIENT_HOOKS)]
     if trainer.world_size > 1:
         refusal = (
             f"it replays one process's step, and this run has {trainer.world_size} processes: train on one device "
