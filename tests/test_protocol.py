@@ -1,5 +1,7 @@
 """The paper's training protocol: the warm-up switch, the plateau schedule, and what every run logs."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -10,6 +12,7 @@ from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import SpeedMonitor, WarmupUntilTrainError
 from resnet_lab.data import SyntheticDataModule
 from resnet_lab.errors import ConfigError
+from resnet_lab.records import cpu_has_bf16
 from resnet_lab.schedules import WarmupMultiStepLR
 
 
@@ -112,3 +115,16 @@ def test_speed_monitor_logs_throughput_and_epoch_time(tmp_path):
     trainer = fit(model, tmp_path, [SpeedMonitor()], max_steps=8, log_every_n_steps=2, limit_val_batches=0)
     metrics = trainer.callback_metrics
     assert metrics["perf/images_per_s"] > 0 and metrics["perf/epoch_time_s"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_bf16_warns_in_one_line_exactly_on_a_cpu_without_bf16_instructions(tmp_path, precision):
+    if cpu_has_bf16() is None:
+        pytest.skip("this system's CPU flags cannot be read")
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, tmp_path, [SpeedMonitor()], max_steps=2, limit_val_batches=0, precision=precision)
+    said = [str(w.message) for w in caught if "bfloat16 instructions" in str(w.message)]
+    assert len(said) == (precision == "bf16-mixed" and not cpu_has_bf16())
+    assert all("\n" not in line and "32-true" in line for line in said)

@@ -10,13 +10,14 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from resnet_lab.errors import ConfigError, UserError
+from resnet_lab.records import cpu_has_bf16
 
 
 def last_checkpoint_path(trainer: Trainer) -> Path:
@@ -117,6 +118,12 @@ class SpeedMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.started = False
+        if pl_module.device.type == "cpu" and "bf16" in str(trainer.precision) and cpu_has_bf16() is False:
+            rank_zero_warn(
+                f"--trainer.precision {trainer.precision} on a CPU without bfloat16 instructions (no avx512_bf16 or "
+                "amx_bf16 in /proc/cpuinfo): torch emulates them, many times slower than 32-true; leave out "
+                "configs/presets/bf16.yaml here"
+            )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.epoch_start = self.window_start = time.perf_counter()

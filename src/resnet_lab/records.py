@@ -63,7 +63,7 @@ def cpu_info() -> tuple[str, set[str]]:
 
 def cpu_has_bf16() -> bool | None:
     """Whether the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); None where its flags cannot be read.
-    Without, torch emulates bf16 on the CPU, about ten times slower than fp32 (docs/benchmarks.md)."""
+    Without, torch emulates bf16 on the CPU, many times slower than fp32 (benchmarks/train_speed.py measures it)."""
     _, flags = cpu_info()
     return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else None
 
