@@ -1,5 +1,6 @@
 """Callbacks of the paper's training protocol and of the run logs."""
 
+import os
 import signal
 import threading
 import time
@@ -301,6 +302,42 @@ class PeriodicCheckpoint(Callback):
             return
         if parameters_are_finite(pl_module):
             trainer.save_checkpoint(last_checkpoint_path(trainer), weights_only=False)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose state read from a checkpoint keeps only the files in this run's checkpoint
+    folder: Lightning deletes, recursively and wherever they are, the previous best and last files that a resumed
+    state names, so a doctored `best_model_path` (`local:///home`, `checkpoints/../..`) would delete a folder."""
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key names the class: keep ModelCheckpoint's, so that every checkpoint written before resumes.
+        return f"ModelCheckpoint{super().state_key.removeprefix(type(self).__qualname__)}"
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        folder = os.path.realpath(self.dirpath) if self.dirpath else None
+
+        def inside(path: object) -> bool:
+            return (
+                bool(folder)
+                and isinstance(path, str)
+                and "://" not in path
+                and (os.path.dirname(os.path.realpath(path)) == folder)
+            )
+
+        paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+        named = [state_dict.get(key) for key in paths if state_dict.get(key)]
+        named += list(state_dict.get("best_k_models", {}))
+        outside = [path for path in named if not inside(path)]
+        if outside:
+            if state_dict.get("dirpath") == self.dirpath:  # a moved run's stale paths are Lightning's to warn about
+                rank_zero_warn(
+                    f"the checkpoint's {self.state_key.partition('{')[0]} state names files outside {self.dirpath} "
+                    f"({outside[0]!r}): its record of best and last checkpoints is ignored"
+                )
+            state_dict = {**state_dict, "best_k_models": {}, "kth_best_model_path": "", "last_model_path": ""}
+            state_dict["best_model_path"] = ""
+        super().load_state_dict(state_dict)
 
 
 class ThrottledProgressBar(TQDMProgressBar):

@@ -1,5 +1,9 @@
-"""Reading checkpoints with errors that name the file and the problem, instead of a trace from deep in torch."""
+"""Reading checkpoints with errors that name the file and the problem, instead of a trace from deep in torch, and
+the rule that a checkpoint (or a run folder's saved config) is data: it may name only classes from a short list of
+modules, since LightningCLI and `load_from_checkpoint` build every class a saved tree names (docs/security.md)."""
 
+import importlib.util
+import re
 import zipfile
 from pathlib import Path
 
@@ -10,6 +14,62 @@ from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 # Checkpoint names that Lightning resolves itself.
 LIGHTNING_ALIASES = ("last", "best", "hpc", "registry")
+# What a file from elsewhere may name for jsonargparse to build: networks, optimizers, schedules, data modules and
+# transforms. Not `Lambda` (it calls whatever it is given), not the command line or the paper tools (they write
+# files), not `os`, `subprocess`, `builtins` or any other module.
+ALLOWED_MODULES = (
+    "resnet_lab.models", "resnet_lab.data", "resnet_lab.module", "resnet_lab.metrics", "resnet_lab.schedules",
+    "resnet_lab.callbacks", "torch.optim", "torch.nn", "torchvision.models", "torchvision.transforms.v2",
+    "torchmetrics", "lightning.pytorch.loggers", "lightning.pytorch.callbacks",
+)  # fmt: skip
+REFUSED_NAMES = ("Lambda",)
+# Lightning's own marker of a CLI-built module (`load_from_checkpoint` checks it against its own allow-list too).
+LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _allowed(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    return attribute not in REFUSED_NAMES and any(
+        module == allowed or module.startswith(f"{allowed}.") for allowed in ALLOWED_MODULES
+    )
+
+
+def _importable(name: str) -> bool:
+    """Whether jsonargparse could import `name` (a dotted string in a Callable or type slot is imported)."""
+    try:
+        return importlib.util.find_spec(name.partition(".")[0]) is not None  # a top-level lookup runs no code
+    except (ImportError, ValueError):
+        return False
+
+
+def check_plain(tree: object, source: str, key: str = "") -> None:
+    """Refuse, in one line naming the key and the class, a saved tree (a checkpoint's hyper-parameters, a run's
+    config) that names a class or function outside `ALLOWED_MODULES`, at any depth: `class_path` specs, and dotted
+    strings that name something importable (jsonargparse imports those in Callable- and type-typed slots)."""
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            at = f"{key}.{name}" if key else str(name)
+            if name == "_instantiator" and value == LIGHTNING_INSTANTIATOR:
+                continue
+            if name in ("class_path", "_class_path", "_instantiator") and not (
+                isinstance(value, str) and DOTTED_NAME.fullmatch(value) and _allowed(value)
+            ):
+                raise DataError(_refusal(source, at, value))
+            check_plain(value, source, at)
+    elif isinstance(tree, list | tuple):
+        for index, value in enumerate(tree):
+            check_plain(value, source, f"{key}[{index}]")
+    elif isinstance(tree, str) and DOTTED_NAME.fullmatch(tree) and _importable(tree) and not _allowed(tree):
+        raise DataError(_refusal(source, key, tree))
+
+
+def _refusal(source: str, key: str, value: object) -> str:
+    return (
+        f"{source}: {key} names {value!r}, which a file from elsewhere may not build (it is data: only classes of "
+        "resnet_lab's models and data, torch.optim, torch.nn, torchvision.models and transforms.v2 but Lambda; "
+        "docs/security.md lists them); if you trust it, put that setting in your own config"
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict:

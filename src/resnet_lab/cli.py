@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import Namespace, dict_to_namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -18,24 +18,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from resnet_lab.callbacks import (
     CheckpointOnSignal,
     PeriodicCheckpoint,
+    RunCheckpoint,
     SpeedMonitor,
     StopOnNonFiniteLoss,
     ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
-from resnet_lab.checkpoints import LIGHTNING_ALIASES
+from resnet_lab.checkpoints import LIGHTNING_ALIASES, check_plain
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
 from resnet_lab.graph_step import check_supported
 from resnet_lab.launch import (
     check_config_after_subcommand,
     check_lightning_checkpoint,
+    check_run_name,
     check_writable,
     config_differences,
     config_overrides,
     error_message,
     expand_recipes,
     experiment_config,
+    hpc_checkpoint,
     limits_given_as_one_batch,
     link_num_classes,
     run_name,
@@ -101,6 +104,7 @@ class ResNetLabCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         self.run_record: RunRecord | None = None  # set once the config is parsed
+        self.how_to_run: dict[str, object] = {}
         self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
         given = sys.argv[1:] if args is None else args
         if isinstance(given, list):
@@ -182,7 +186,7 @@ class ResNetLabCLI(LightningCLI):
             "iteration-wise lr schedule, an iteration val_check_interval) multiplied by it; warm-up rules unchanged. "
             "The run goes to logs/<experiment>-scale1of16/",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/err_top1",
@@ -193,7 +197,7 @@ class ResNetLabCLI(LightningCLI):
         )
         # The latest state at every validation: Lightning's own `save_last` follows the best checkpoint, so a run
         # whose validation error stops improving would keep an old `last.ckpt`.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST,
@@ -228,39 +232,61 @@ class ResNetLabCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Then check the checkpoint, before LightningCLI merges its hyper-parameters into the config and jsonargparse
+        builds every class they name: see `_check_checkpoint`. Lightning's aliases are resolved or refused first, so
+        that they pass the same checks (our `last`: in `_resume_last_run`, once the run is known)."""
         super().parse_arguments(parser, args)
-        config = self.config.get(self.config.get("subcommand") or "", self.config)
-        ckpt_path = config.get("ckpt_path") if hasattr(config, "get") else None
-        if ckpt_path and str(ckpt_path) not in LIGHTNING_ALIASES:
-            check_lightning_checkpoint(ckpt_path)
-
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI rebuilds the model from a checkpoint's hyperparameters, over the config: refuse a checkpoint
-        of another network rather than evaluate one network under another's name. The settings of how the model
-        runs (`HOW_TO_RUN`: graph step, compilation, memory layout) stay this command's: a run resumed with
-        presets/gpu_graph.yaml is to use it, whichever path wrote the checkpoint."""
         config = self.config.get(self.config.get("subcommand") or "")
-        given = _network(config)
-        how = {key: config.get(f"model.{key}") for key in HOW_TO_RUN} if isinstance(config, Namespace) else {}
-        super()._parse_ckpt_path()
-        config_now = self.config.get(self.config.get("subcommand") or "")
-        for key, value in how.items():  # how to run it is this command's, what is trained the checkpoint's
-            if value is not None and config_now.get(f"model.{key}") is not None:
-                config_now[f"model.{key}"] = value
-        held = _network(self.config.get(self.config.get("subcommand") or ""))
+        if not isinstance(config, Namespace) or not config.get("ckpt_path"):
+            return
+        # How the model runs is this command's, whichever path wrote the checkpoint: restored after the merge.
+        self.how_to_run = {key: config.get(f"model.{key}") for key in HOW_TO_RUN}
+        ckpt_path = str(config.ckpt_path)
+        if ckpt_path in LIGHTNING_ALIASES:
+            if Path(ckpt_path).is_file():  # Lightning would read it as a checkpoint before any alias is resolved
+                raise ConfigError(
+                    f"--ckpt_path {ckpt_path}: a file named {ckpt_path!r} in the working folder shadows the alias; "
+                    f"rename it, or give it as ./{ckpt_path} if it is the checkpoint you mean"
+                )
+            if ckpt_path in ("best", "registry"):
+                raise ConfigError(
+                    f"--ckpt_path {ckpt_path} names a checkpoint this command cannot check before it loads it "
+                    "(`best`: of a fit in the same process; `registry`: downloaded): give the file's path, e.g. "
+                    "<run>/checkpoints/best-step<N>.ckpt"
+                )
+            if ckpt_path == "last":
+                return
+            config.ckpt_path = ckpt_path = str(hpc_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
+        self._check_checkpoint(config, ckpt_path)
+
+    def _check_checkpoint(self, config: Namespace, path: str) -> None:
+        """A checkpoint is data: a local, readable Lightning checkpoint of plain values (never unpickled), whose
+        hyper-parameters name only allowed classes (`check_plain`), and which holds the network the config names,
+        rather than evaluate one network under another's name."""
+        if "://" in path:
+            raise ConfigError(
+                f"--ckpt_path {path}: a URL is not read (Lightning unpickles remote checkpoints); download the file "
+                "and give its path"
+            )
+        held = check_lightning_checkpoint(path).get("hyper_parameters") or {}
+        check_plain(held, f"--ckpt_path {path}")
+        given, theirs = _network(config), _network(Namespace(model=dict_to_namespace(held)))
         differences = [
-            f"{key} {held[key]} in the checkpoint, {given[key]} in the config"
-            for key in given
-            if key in held and held[key] != given[key]
+            f"{key} {theirs[key]} in the checkpoint, {value} in the config"
+            for key, value in given.items()
+            if key in theirs and theirs[key] != value
         ]
         if differences:
             raise ConfigError(
-                f"--ckpt_path {config.ckpt_path} holds another network than the config names "
-                f"({'; '.join(differences)}): give the config of the run that trained it (its run folder's config.yaml)"
+                f"--ckpt_path {path} holds another network than the config names ({'; '.join(differences)}): give "
+                "the config of the run that trained it (its run folder's config.yaml)"
             )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for key, value in self.how_to_run.items():  # see parse_arguments
+            if value is not None and config.get(f"model.{key}") is not None:
+                config[f"model.{key}"] = value
         link_num_classes(config)
         config.recipe = None  # the saved config holds every value itself: no recipe to read before it
         # One folder per experiment, named by the config (`experiment:`) unless the user named the run.
@@ -273,6 +299,9 @@ class ResNetLabCLI(LightningCLI):
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
                 init_args.name = run_name(name, scale if self.subcommand == "fit" else 1.0)
+        for key in ("name", "version"):  # each becomes a folder under save_dir
+            if init_args is not None and init_args.get(key) not in (None, ""):
+                check_run_name(f"--trainer.logger.init_args.{key}", init_args.get(key))
         interval = config.trainer.get("val_check_interval")
         if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
             raise ConfigError(
@@ -375,6 +404,7 @@ class ResNetLabCLI(LightningCLI):
         continue where they stopped."""
         version = config.trainer.logger.init_args.get("version") if self.subcommand == "fit" else None
         last, why = run_to_resume(experiment, version, partial(self._differences, config))
+        self._check_checkpoint(config, str(last))
         config.ckpt_path = str(last)
         if self.subcommand == "fit":
             config.trainer.logger.init_args.version = last.parents[1].name

@@ -3,6 +3,7 @@ resume, hand the data's class count to the network, and turn a user's mistake in
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from fractions import Fraction
@@ -162,13 +163,31 @@ def limits_given_as_one_batch(args: list[str]) -> set[str]:
     return {key for key, one in last.items() if one}
 
 
-def check_lightning_checkpoint(path: str | Path) -> None:
-    """A missing, truncated or foreign file: one clear line, before any work."""
-    if "pytorch-lightning_version" not in read_checkpoint(path):
+def check_lightning_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents; a missing, truncated or foreign file: one clear line, before any work."""
+    checkpoint = read_checkpoint(path)
+    if "pytorch-lightning_version" not in checkpoint:
         raise DataError(
             f"{path} is not a Lightning checkpoint; for published CIFAR weights run "
             "`python -m resnet_lab.paper import-cifar` first"
         )
+    return checkpoint
+
+
+def hpc_checkpoint(folder: Path) -> Path:
+    """`--ckpt_path hpc` as Lightning resolves it: the highest `hpc_ckpt_<N>.ckpt` that a SLURM requeue left in the
+    trainer's default_root_dir; resolved here so that it goes through the checks of a path."""
+    found = {
+        int(match[1]): path
+        for path in folder.glob("hpc_ckpt_*.ckpt")
+        if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))
+    }
+    if not found:
+        raise ConfigError(
+            f"--ckpt_path hpc: no hpc_ckpt_<N>.ckpt in {folder} (a SLURM requeue writes them into "
+            "--trainer.default_root_dir); give a checkpoint's path"
+        )
+    return found[max(found)]
 
 
 def check_writable(folder: Path) -> None:
@@ -349,9 +368,22 @@ def scale_label(scale: float) -> str:
     return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_run_name(option: str, value: object) -> str:
+    """A name that becomes a folder under logs/ (the experiment, the logger's name or version), refused in one line
+    unless it is one plain folder name: no `/`, no `..`, no leading dot."""
+    text = str(value)
+    if not RUN_NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{option} {text!r}: a run folder's name must match {RUN_NAME.pattern} (no '/' and no '..')")
+    return text
+
+
 def run_name(experiment: str, scale: float) -> str:
     """The experiment's folder under logs/: a scaled run's name says its scale (`resnet20_cifar-scale1of16`), so
     that it is never taken for (or resumed as) a full-schedule run."""
+    check_run_name("--experiment", experiment)
     return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
 
 

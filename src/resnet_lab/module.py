@@ -1,17 +1,19 @@
 """`ImageClassifier`: the LightningModule that trains any backbone with cross-entropy and reports top-k error."""
 
 import warnings
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lab.checkpoints import check_state_dict_matches
+from resnet_lab.checkpoints import check_plain, check_state_dict_matches, read_checkpoint
 from resnet_lab.errors import ConfigError
 from resnet_lab.graph_step import GraphStep, carry_step_count, check_supported, counting
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
@@ -265,6 +267,31 @@ class ImageClassifier(L.LightningModule):
         carry_step_count(checkpoint, self.graph_step)
         if "train_means" in checkpoint:
             self.train_means.load_state_dict(checkpoint["train_means"])
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> "ImageClassifier":
+        """Lightning's, for a checkpoint that is data (docs/security.md): a local file, read without unpickling,
+        whose saved hyper-parameters (and `hparams_file`) name only allowed classes (`check_plain`). What you pass
+        as `kwargs` (e.g. `backbone=CifarResNet(20)`) is your own code and is not checked."""
+        if not isinstance(checkpoint_path, str | Path) or "://" in str(checkpoint_path):
+            raise ConfigError(
+                f"{checkpoint_path!r}: give a checkpoint file's local path (a URL or a stream is not read: Lightning "
+                "unpickles remote checkpoints); download it first"
+            )
+        saved = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
+        check_plain({k: v for k, v in saved.items() if k not in kwargs}, str(checkpoint_path))
+        if hparams_file is not None:
+            check_plain(yaml.safe_load(Path(hparams_file).read_text()) or {}, str(hparams_file))
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
     def parameter_groups(self) -> list[dict]:
         """The optimizer's parameter groups: one, or with `norm_and_bias_weight_decay` set, the normalization

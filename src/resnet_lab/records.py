@@ -5,6 +5,7 @@ schedule scale, its training wall time, and the test results of its weights (`py
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 import uuid
@@ -83,9 +84,20 @@ def device_name(trainer: Trainer) -> str:
     return f"{trainer.world_size} x {name}" if trainer.world_size > 1 else name
 
 
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], as RunRecord makes them
+
+
+def check_run_id(run_id: object, source: object) -> None:
+    """A run id read from elsewhere becomes part of file names under results/: refused in one line unless it is one."""
+    if run_id is not None and not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+        raise ConfigError(f"{source}: run_id {run_id!r} is not a run id (12 hex digits, {RUN_ID.pattern})")
+
+
 def read_run_file(run: Path) -> dict:
     path = run / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    check_run_id(record.get("run_id"), path)
+    return record
 
 
 def _write_run_file(run: Path, record: dict) -> None:
@@ -132,6 +144,7 @@ class RunRecord(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_run_id(state_dict.get("run_id"), "the checkpoint's RunRecord state")
         self.run_id, self.started = state_dict.get("run_id"), state_dict.get("started")
         self.wall_s_before = float(state_dict.get("wall_s", 0.0))
         self.resumed_scale = state_dict.get("schedule_scale", 1.0)

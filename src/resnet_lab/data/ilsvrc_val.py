@@ -12,11 +12,24 @@ Label files understood:
 import argparse
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 
 from resnet_lab.data.imagenet import imagenet_class_names
 from resnet_lab.errors import DataError, DatasetNotFoundError, UserError
+
+WNID = re.compile(r"n\d{8}")  # an ImageNet synset id, e.g. n01440764: the only names a class folder may take
+IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a file name, never a path
+
+
+def _checked(label_file: Path, row: int, image: str, wnid: str) -> tuple[str, str]:
+    """A row's (image stem, wnid), refused in one line unless both are plain names: each becomes a path under --out."""
+    if not IMAGE_ID.fullmatch(image) or ".." in image:
+        raise DataError(f"{label_file}:{row}: image id {image!r} is not a plain file name ({IMAGE_ID.pattern})")
+    if not WNID.fullmatch(wnid):
+        raise DataError(f"{label_file}:{row}: wnid {wnid!r} is not an ImageNet synset id (n followed by 8 digits)")
+    return Path(image).stem, wnid
 
 
 def read_labels(label_file: Path) -> dict[str, str]:
@@ -27,9 +40,12 @@ def read_labels(label_file: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     with label_file.open(newline="") as f:
         if f.readline().strip().lower().startswith("imageid,"):
-            for row in csv.reader(f):
+            for number, row in enumerate(csv.reader(f), 2):
                 if row:
-                    labels[Path(row[0]).stem] = row[1].split()[0]
+                    if len(row) < 2 or not row[1].split():
+                        raise DataError(f"{label_file}:{number}: expected 'ImageId,PredictionString', got {row!r}")
+                    stem, wnid = _checked(label_file, number, row[0], row[1].split()[0])
+                    labels[stem] = wnid
             return labels
         f.seek(0)
         for number, line in enumerate(f, 1):
@@ -43,7 +59,8 @@ def read_labels(label_file: Path) -> dict[str, str]:
                 if not 0 <= int(label) < len(wnids):
                     raise DataError(f"{label_file}:{number}: class index {label} is not in [0, {len(wnids)})")
                 label = wnids[int(label)]
-            labels[Path(name).stem] = label
+            stem, label = _checked(label_file, number, name, label)
+            labels[stem] = label
     return labels
 
 

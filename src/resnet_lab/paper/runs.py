@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
+from resnet_lab.checkpoints import check_plain
 from resnet_lab.errors import DatasetNotFoundError
 from resnet_lab.launch import config_key
 
@@ -41,6 +42,7 @@ class Run:
     def datamodule(self, root: str | None = None) -> LightningDataModule:
         """The run's data module, as its config built it (optionally with another data folder)."""
         data = self.config["data"]
+        check_plain(data, f"{self.path / 'config.yaml'}: data")  # a run folder from elsewhere is data
         init_args = {**data.get("init_args", {}), **({"root": root} if root else {})}
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(LightningDataModule, "data")
