@@ -8,9 +8,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
+from resnet_lab.files import atomic_write
 
 # Checkpoint names that Lightning resolves itself.
 LIGHTNING_ALIASES = ("last", "best", "hpc", "registry")
@@ -116,3 +118,16 @@ def check_state_dict_matches(model: nn.Module, state: dict, source: str) -> None
         "residual unit (block), shortcut option, plain/residual switch or number of classes? Use the config it was "
         "trained with (its run folder's config.yaml)."
     )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoints, each written to a temporary file in its own folder, flushed and renamed over
+    the old one (`atomic_write`): a kill or a full disk during a write leaves the previous `last.ckpt` loadable,
+    where Lightning's own atomic save stages the file in the system temp folder and, on another file system, copies
+    it over the target. A full disk is one line naming the folder and its free space."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote file systems: fsspec's, as Lightning does
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+        return None

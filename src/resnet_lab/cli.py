@@ -13,6 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from resnet_lab.callbacks import (
@@ -24,7 +25,7 @@ from resnet_lab.callbacks import (
     ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
-from resnet_lab.checkpoints import LIGHTNING_ALIASES, check_plain
+from resnet_lab.checkpoints import LIGHTNING_ALIASES, AtomicCheckpointIO, check_plain
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
 from resnet_lab.graph_step import check_supported
@@ -442,6 +443,8 @@ class ResNetLabCLI(LightningCLI):
                 "--trainer.devices, --trainer.strategy and --trainer.precision "
                 "(without a GPU: --trainer.accelerator cpu)"
             ) from err
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and self.config_as_given is not None:
                 callback.config = self.config_as_given

@@ -15,3 +15,7 @@ class DataError(UserError, ValueError):
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset folder or file is missing."""
+
+
+class DiskFullError(UserError, OSError):
+    """A file could not be written for lack of space; the previous version of it is intact."""

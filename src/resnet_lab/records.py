@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from resnet_lab.checkpoints import read_checkpoint
 from resnet_lab.errors import ConfigError
+from resnet_lab.files import atomic_write_text
 
 RUN_FILE = "run.json"
 # The final values TensorBoard's HPARAMS tab shows beside each run's settings.
@@ -101,10 +102,7 @@ def read_run_file(run: Path) -> dict:
 
 
 def _write_run_file(run: Path, record: dict) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    partial = run / f".{RUN_FILE}.tmp"
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.replace(run / RUN_FILE)  # never a half-written file, even if the job is killed while writing
+    atomic_write_text(run / RUN_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def _now() -> str:

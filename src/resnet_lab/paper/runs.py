@@ -2,6 +2,7 @@
 how the reproduction commands write their figures and tables."""
 
 import csv
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.checkpoints import check_plain
 from resnet_lab.errors import DatasetNotFoundError
+from resnet_lab.files import atomic_write_text, csv_cell
 from resnet_lab.launch import config_key
 
 # A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
@@ -122,7 +124,7 @@ def save_figure(fig: Figure, out: Path) -> Path:
 
 def write_csv(out: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
     path = out.with_suffix(".csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *([csv_cell(cell) for cell in row] for row in rows)])
+    atomic_write_text(path, text.getvalue())
     return path

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from resnet_lab.checkpoints import read_checkpoint
+from resnet_lab.files import atomic_write_text, markdown_cell
 from resnet_lab.paper.runs import Run
 
 # (backbone class, depth, residual, shortcut) -> (top-1, top-5) test error %; None where the paper gives none.
@@ -134,12 +135,11 @@ def results_table(runs: list[Run]) -> str:
             f"{paper[0]:.2f}" if paper else "",
             f"{paper[1]:.2f}" if paper and paper[1] is not None else "",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_table(runs: list[Run], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".md")
-    path.write_text(results_table(runs))
+    atomic_write_text(path, results_table(runs))
     return path
