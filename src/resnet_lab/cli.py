@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import Namespace, dict_to_namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
@@ -341,10 +342,10 @@ class ResNetLabCLI(LightningCLI):
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
         if init_args is not None and init_args.get("save_dir"):
             check_writable(Path(init_args.save_dir))
-            if self.subcommand != "fit":
-                self._log_beside_the_run(config, init_args)
             if config.get("ckpt_path") == "last":
                 self._resume_last_run(config, Path(init_args.save_dir) / init_args.name)
+            if self.subcommand != "fit":  # into the run of the checkpoint, `last`'s too
+                self._log_beside_the_run(config, init_args)
 
     def _log_beside_the_run(self, config: Namespace, logger: Namespace) -> None:
         """An evaluation of a run's checkpoint (`<run>/checkpoints/*.ckpt`) logs into that run, beside its training
@@ -385,7 +386,12 @@ class ResNetLabCLI(LightningCLI):
     def _differences(self, config: Namespace, run: Path) -> list[str]:
         """How the settings of the run in `run` differ from this command's (`config`), as `key value` phrases: all
         of them for `fit`, the network's for an evaluation; and the seed."""
-        saved = self._parse_alone(["--config", str(run / "config.yaml")]) if (run / "config.yaml").is_file() else None
+        if not (run / "config.yaml").is_file():
+            return ["no config.yaml this version can read"]
+        held = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        if isinstance(held, dict):  # a run folder is data: what would build classes is checked as a checkpoint's is
+            check_plain({key: held.get(key) for key in ("model", "data")}, str(run / "config.yaml"))
+        saved = self._parse_alone(["--config", str(run / "config.yaml")])
         if saved is None:
             return ["no config.yaml this version can read"]
         mine = self.config_as_given if self.config_as_given is not None else config
@@ -417,7 +423,7 @@ class ResNetLabCLI(LightningCLI):
             }
         # The run's own checkpoint folder, written to again: Lightning's warning that it is not empty says nothing.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        rank_zero_info(f"resuming from {last}: {why}")
+        rank_zero_info(f"{'resuming from' if self.subcommand == 'fit' else 'evaluating'} {last}: {why}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -36,13 +36,22 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if _disk_full(err):
             free = shutil.disk_usage(path.parent).free / 2**20
             raise DiskFullError(
                 f"no space left in {path.parent} to write {path.name} ({free:.0f} MiB free; the previous file, if "
                 "any, is intact): free some space, or write elsewhere (runs: --trainer.logger.init_args.save_dir)"
             ) from err
         raise
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether `err` comes of a full disk (torch.save raises its own error over the OSError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def atomic_write_text(path: Path, text: str) -> None:
