@@ -330,7 +330,8 @@ class RunCheckpoint(ModelCheckpoint):
         named += list(state_dict.get("best_k_models", {}))
         outside = [path for path in named if not inside(path)]
         if outside:
-            if state_dict.get("dirpath") == self.dirpath:  # a moved run's stale paths are Lightning's to warn about
+            saved = state_dict.get("dirpath")
+            if isinstance(saved, str) and os.path.realpath(saved) == folder:  # a moved run's: Lightning warns
                 rank_zero_warn(
                     f"the checkpoint's {self.state_key.partition('{')[0]} state names files outside {self.dirpath} "
                     f"({outside[0]!r}): its record of best and last checkpoints is ignored"
