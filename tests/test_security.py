@@ -84,11 +84,20 @@ def refused(argv: list[str], says: str, entry=main, one_line: bool = True) -> st
     return message
 
 
+def lambda_lr(lr_lambda: object) -> dict:
+    return {"class_path": "torch.optim.lr_scheduler.LambdaLR", "init_args": {"lr_lambda": lr_lambda}}
+
+
+# Live payloads: each runs its command in Lightning's own load_from_checkpoint (the negative control below).
 PAYLOADS = {
-    "lr_lambda": lambda hp, cmd: hp.__setitem__(
-        "lr_scheduler", {"class_path": "torch.optim.lr_scheduler.LambdaLR", "init_args": {"lr_lambda": system(cmd)}}
-    ),
+    "lr_lambda": lambda hp, cmd: hp.__setitem__("lr_scheduler", lambda_lr(system(cmd))),
     "block_kwargs": lambda hp, cmd: hp["backbone"]["init_args"].__setitem__("block_kwargs", {"x": system(cmd)}),
+    # An allowed module's name before a re-exported one: jsonargparse reaches os.system as an attribute.
+    "re-exported": lambda hp, cmd: hp.__setitem__(
+        "lr_scheduler", lambda_lr(system(cmd) | {"class_path": "torchmetrics.os.system"})
+    ),
+    # A spec written as text: jsonargparse parses a string in a typed slot as YAML.
+    "spec as text": lambda hp, cmd: hp.__setitem__("lr_scheduler", json.dumps(lambda_lr(system(cmd)))),
 }
 
 
@@ -101,7 +110,7 @@ def test_a_checkpoint_naming_a_function_runs_nothing_in_any_reader(work, where):
         lambda c: PAYLOADS[where](c["hyper_parameters"], f"touch {marker}"),
     )
     before = snapshot(work, RUN)
-    says = "names 'os.system', which a file from elsewhere may not build"
+    says = "os.system', which a file from elsewhere may not build"
     refused(cli("test", "--ckpt_path", str(bad)), says)
     refused(cli("fit", "--ckpt_path", str(bad), "--trainer.max_steps", "6"), says)
     refused(["responses", str(bad), "--out", "figs/fig7", "--limit-batches", "1"], says, entry=paper)
@@ -115,13 +124,59 @@ def test_a_checkpoint_naming_a_function_runs_nothing_in_any_reader(work, where):
     assert marker.exists()
 
 
-def test_a_dotted_name_in_a_type_slot_is_refused(work):
-    bad = doctored(
-        RUN / "checkpoints/last.ckpt",
-        work / "block.ckpt",
-        lambda c: c["hyper_parameters"]["backbone"]["init_args"].__setitem__("block", "shutil.rmtree"),
-    )
-    refused(cli("test", "--ckpt_path", str(bad)), "backbone.init_args.block names 'shutil.rmtree'")
+NAMES = {
+    "a function in a type slot": ("backbone.init_args.block", "shutil.rmtree"),
+    "an allowed module's unpickling function": ("lr_scheduler", lambda_lr(
+        {"class_path": "torchvision.models._api.load_state_dict_from_url", "init_args": {"url": "http://127.0.0.1:9/x"}}
+    )),
+    "a builtin through __main__": ("lr_scheduler", lambda_lr("__main__.__builtins__.exec")),
+    "torch.save through a module's import": ("lr_scheduler", lambda_lr("torch.nn.modules.module.torch.save")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_names_outside_the_allowed_classes_are_refused(work, name):
+    key, value = NAMES[name]
+
+    def edit(checkpoint: dict) -> None:
+        *parents, last = key.split(".")
+        tree = checkpoint["hyper_parameters"]
+        for parent in parents:
+            tree = tree[parent]
+        tree[last] = value
+
+    bad = doctored(RUN / "checkpoints/last.ckpt", work / "named.ckpt", edit)
+    refused(cli("test", "--ckpt_path", str(bad)), "which a file from elsewhere may not build")
+    with pytest.raises(DataError, match="which a file from elsewhere may not build"):
+        ImageClassifier.load_from_checkpoint(bad)
+
+
+def test_older_hyperparameter_keys_and_an_hparams_file_are_checked(work):
+    marker = work.parent / "ran"
+
+    def legacy(checkpoint: dict) -> None:
+        del checkpoint["hyper_parameters"]["lr_scheduler"]
+        checkpoint["hparams"] = {"lr_scheduler": lambda_lr(system(f"touch {marker}"))}
+
+    bad = doctored(RUN / "checkpoints/last.ckpt", work / "legacy.ckpt", legacy)
+    with pytest.raises(DataError, match=r"hparams\.lr_scheduler\.init_args\.lr_lambda\.class_path names 'os\.system'"):
+        ImageClassifier.load_from_checkpoint(bad)
+    hparams = torch.load(RUN / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+    hparams["lr_scheduler"] = lambda_lr(system(f"touch {marker}"))
+    with (work / "hparams.csv").open("w", newline="") as f:  # Lightning reads each value with ast.literal_eval
+        csv.writer(f).writerows([("key", "value"), *((k, repr(v)) for k, v in hparams.items())])
+    with pytest.raises(DataError, match="names 'os.system'"):
+        ImageClassifier.load_from_checkpoint(RUN / "checkpoints/last.ckpt", hparams_file=work / "hparams.csv")
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # negative controls: Lightning's reader builds both
+        super(ImageClassifier, ImageClassifier).load_from_checkpoint(bad)
+    assert marker.exists()
+    marker.unlink()
+    with contextlib.suppress(Exception):
+        super(ImageClassifier, ImageClassifier).load_from_checkpoint(
+            RUN / "checkpoints/last.ckpt", hparams_file=work / "hparams.csv"
+        )
+    assert marker.exists()
 
 
 def test_own_checkpoints_load_and_resume_as_before(work):
@@ -134,6 +189,28 @@ def test_own_checkpoints_load_and_resume_as_before(work):
     assert torch.load(RUN / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
     # `test --ckpt_path last` logged into the run it tested, as a test of its checkpoint's path does.
     assert sorted(p.name for p in RUN.parent.iterdir()) == ["version_0"] and (RUN / "config-test.yaml").is_file()
+
+
+def test_a_forks_own_classes_load_where_its_own_code_names_them(work, monkeypatch):
+    (work / "myfork").mkdir()
+    (work / "myfork" / "__init__.py").write_text("")
+    (work / "myfork" / "blocks.py").write_text(
+        "from resnet_lab.models import BasicBlock\n\n\nclass Mine(BasicBlock):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(work))
+    block = ["--model.backbone.init_args.block", "myfork.blocks.Mine"]
+    main(cli("fit", *block, "--experiment", "fork", "--trainer.max_steps", "2"))
+    last = work / "logs/fork/version_0/checkpoints/last.ckpt"
+    # The command's config names the class: the fork's runs test and resume as the project's do.
+    main(["test", "--config", str(last.parents[1] / "config.yaml"), "--ckpt_path", str(last), *TINY])
+    version = ["--trainer.logger.init_args.version", "version_0"]
+    main(cli("fit", *block, "--experiment", "fork", "--trainer.max_steps", "4", "--ckpt_path", "last", *version))
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    # In Python, the fork names its own package; unnamed, its class is one a file from elsewhere may not build.
+    with pytest.raises(DataError, match="names 'myfork.blocks.Mine', which a file from elsewhere may not build"):
+        ImageClassifier.load_from_checkpoint(last)
+    model = ImageClassifier.load_from_checkpoint(last, trusted_modules=["myfork"])
+    assert type(model.backbone.layer1[0]).__name__ == "Mine"
 
 
 def test_a_url_and_unresolvable_aliases_are_refused_and_hpc_is_checked(work):
@@ -171,12 +248,15 @@ def test_last_in_a_run_of_another_network_is_refused(work):
     assert len(json.loads((RUN / "run.json").read_text())["tests"]) == tests
 
 
-@pytest.mark.parametrize("path", ["local://{victim}", "{run}/checkpoints/../../../victim", "{victim}"])
+@pytest.mark.parametrize(
+    "path", ["local://{victim}", "{run}/checkpoints/../../../victim", "{victim}", "{run}/checkpoints/inside"]
+)
 def test_checkpoint_state_cannot_delete_outside_its_run(work, path):
     victim = work / "victim"
     (victim / "inside").mkdir(parents=True)
     (victim / "inside" / "precious.txt").write_text("data")
     target = path.format(victim=victim, run=RUN)
+    (RUN / "checkpoints" / "inside").mkdir()  # a folder in the run's checkpoints/: Lightning would delete it whole
 
     def edit(checkpoint: dict) -> None:
         for state in (v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")):
@@ -189,6 +269,7 @@ def test_checkpoint_state_cannot_delete_outside_its_run(work, path):
         main(cli("fit", "--ckpt_path", "last", "--trainer.max_steps", "6", "--trainer.logger.init_args.version",
                  "version_0", "--checkpoint.save_top_k", "1"))  # fmt: skip
     assert (victim / "inside" / "precious.txt").read_text() == "data" and snapshot(work, RUN) == before
+    assert (RUN / "checkpoints" / "inside").is_dir()
 
     # Negative control: Lightning's ModelCheckpoint keeps the path it would delete; ours keeps nothing outside.
     callbacks = torch.load(next(RUN.glob("checkpoints/best-step*.ckpt")), weights_only=True)["callbacks"]

@@ -322,7 +322,8 @@ class RunCheckpoint(ModelCheckpoint):
                 bool(folder)
                 and isinstance(path, str)
                 and "://" not in path
-                and (os.path.dirname(os.path.realpath(path)) == folder)
+                and os.path.dirname(os.path.realpath(path)) == folder
+                and not os.path.isdir(path)  # Lightning would delete a folder recursively
             )
 
         paths = ("best_model_path", "kth_best_model_path", "last_model_path")

@@ -26,7 +26,7 @@ from resnet_lab.callbacks import (
     ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
-from resnet_lab.checkpoints import LIGHTNING_ALIASES, AtomicCheckpointIO, check_plain
+from resnet_lab.checkpoints import LIGHTNING_ALIASES, AtomicCheckpointIO, check_checkpoint_plain, check_plain, names_in
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError
 from resnet_lab.graph_step import check_supported
@@ -270,8 +270,9 @@ class ResNetLabCLI(LightningCLI):
                 f"--ckpt_path {path}: a URL is not read (Lightning unpickles remote checkpoints); download the file "
                 "and give its path"
             )
-        held = check_lightning_checkpoint(path).get("hyper_parameters") or {}
-        check_plain(held, f"--ckpt_path {path}")
+        checkpoint = check_lightning_checkpoint(path)
+        check_checkpoint_plain(checkpoint, f"--ckpt_path {path}", trusted=_own_names(config))
+        held = checkpoint.get("hyper_parameters") or {}
         given, theirs = _network(config), _network(Namespace(model=dict_to_namespace(held)))
         differences = [
             f"{key} {theirs[key]} in the checkpoint, {value} in the config"
@@ -390,7 +391,7 @@ class ResNetLabCLI(LightningCLI):
             return ["no config.yaml this version can read"]
         held = yaml.safe_load((run / "config.yaml").read_text()) or {}
         if isinstance(held, dict):  # a run folder is data: what would build classes is checked as a checkpoint's is
-            check_plain({key: held.get(key) for key in ("model", "data")}, str(run / "config.yaml"))
+            check_plain({k: held.get(k) for k in ("model", "data")}, str(run / "config.yaml"), "", _own_names(config))
         saved = self._parse_alone(["--config", str(run / "config.yaml")])
         if saved is None:
             return ["no config.yaml this version can read"]
@@ -498,6 +499,12 @@ def _network(config: Namespace | None) -> dict[str, str]:
     return {"network": text(backbone.class_path)} | {
         key: text(value) for key, value in arguments.items() if key != "num_classes"
     }
+
+
+def _own_names(config: Namespace) -> set[str]:
+    """The classes (and their modules) this command's config names: a checkpoint or run folder may name them too,
+    so that a fork's runs, with classes of its own, resume and evaluate as the project's do."""
+    return names_in({key: config.get(key).as_dict() for key in ("model", "data") if config.get(key) is not None})
 
 
 def main(args: ArgsType = None) -> None:

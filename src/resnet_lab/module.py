@@ -1,20 +1,27 @@
 """`ImageClassifier`: the LightningModule that trains any backbone with cross-entropy and reports top-k error."""
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_lab.checkpoints import check_plain, check_state_dict_matches, read_checkpoint
-from resnet_lab.errors import ConfigError
+from resnet_lab.checkpoints import (
+    HYPERPARAMETER_KEYS,
+    check_checkpoint_plain,
+    check_plain,
+    check_state_dict_matches,
+    read_checkpoint,
+)
+from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.graph_step import GraphStep, carry_step_count, check_supported, counting
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
@@ -275,20 +282,34 @@ class ImageClassifier(L.LightningModule):
         map_location: Any = None,
         hparams_file: str | Path | None = None,
         strict: bool | None = None,
+        trusted_modules: Sequence[str] = (),
         **kwargs: Any,
     ) -> "ImageClassifier":
         """Lightning's, for a checkpoint that is data (docs/security.md): a local file, read without unpickling,
         whose saved hyper-parameters (and `hparams_file`) name only allowed classes (`check_plain`). What you pass
-        as `kwargs` (e.g. `backbone=CifarResNet(20)`) is your own code and is not checked."""
+        as `kwargs` (e.g. `backbone=CifarResNet(20)`) is your own code and is not checked; `trusted_modules` names
+        your own packages whose classes the checkpoint may name too (a fork's: `trusted_modules=["myfork"]`)."""
         if not isinstance(checkpoint_path, str | Path) or "://" in str(checkpoint_path):
             raise ConfigError(
                 f"{checkpoint_path!r}: give a checkpoint file's local path (a URL or a stream is not read: Lightning "
                 "unpickles remote checkpoints); download it first"
             )
-        saved = read_checkpoint(checkpoint_path).get("hyper_parameters") or {}
-        check_plain({k: v for k, v in saved.items() if k not in kwargs}, str(checkpoint_path))
-        if hparams_file is not None:
-            check_plain(yaml.safe_load(Path(hparams_file).read_text()) or {}, str(hparams_file))
+        checkpoint = read_checkpoint(checkpoint_path)
+        for name in HYPERPARAMETER_KEYS:  # what `kwargs` replaces is not read
+            if isinstance(checkpoint.get(name), dict):
+                checkpoint[name] = {k: v for k, v in checkpoint[name].items() if k not in kwargs}
+        check_checkpoint_plain(checkpoint, str(checkpoint_path), trusted_modules)
+        if hparams_file is not None:  # read as Lightning reads it, which then builds what it names
+            try:
+                read = (
+                    load_hparams_from_tags_csv if str(hparams_file).lower().endswith(".csv") else load_hparams_from_yaml
+                )
+                hparams = read(str(hparams_file))
+            except Exception as err:  # noqa: BLE001 - a file from elsewhere: whatever is wrong with it, one line
+                raise DataError(f"hparams_file {hparams_file} is not readable ({type(err).__name__}: {err})") from err
+            check_plain(
+                {k: v for k, v in (hparams or {}).items() if k not in kwargs}, str(hparams_file), "", trusted_modules
+            )
         return super().load_from_checkpoint(
             checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
         )
