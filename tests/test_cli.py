@@ -180,8 +180,17 @@ def test_a_run_ending_mid_epoch_validates_its_final_model(cifar_root, tmp_path):
     assert sorted(p.name for p in checkpoints.glob("best-*")) == ["best-step3.ckpt", "best-step5.ckpt"]
 
 
-def test_demo_config_fits(tmp_path):
-    main(["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), "--trainer.fast_dev_run", "2", *QUIET])
+def test_demo_config_fits_and_its_loss_falls(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    small = ["--data.train_size", "512", "--data.val_size", "128", "--trainer.max_epochs", "2"]
+    main(["fit", "--config", str(CONFIGS / "demo_synthetic.yaml"), *small, "--trainer.log_every_n_steps", "1", *QUIET])
+    run = tmp_path / "logs" / "demo_synthetic" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    events = EventAccumulator(str(run)).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert [e.step for e in events.Scalars("val/err_top1")] == [7, 15]
 
 
 def test_replacing_the_callbacks_of_a_warmup_experiment_is_refused(cifar_root):

@@ -108,8 +108,19 @@ def test_activation_checkpointing_changes_nothing_but_memory():
     plain, checkpointed = CifarResNet(14), CifarResNet(14, activation_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    saved = {}
     for net in (plain, checkpointed):
-        torch.nn.functional.cross_entropy(net(x), y).backward()
+        # What the forward pass keeps for the backward pass: the memory that checkpointing trades for compute.
+        saved[net] = 0
+
+        def pack(t: torch.Tensor, net: torch.nn.Module = net) -> torch.Tensor:
+            saved[net] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+    assert saved[checkpointed] < saved[plain] / 2, saved
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     # BN running statistics are updated once per step, not again by the recomputation.
