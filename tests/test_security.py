@@ -3,6 +3,7 @@ command and changes no file outside its run; the negative controls show that eac
 
 import contextlib
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -98,6 +99,10 @@ PAYLOADS = {
     ),
     # A spec written as text: jsonargparse parses a string in a typed slot as YAML.
     "spec as text": lambda hp, cmd: hp.__setitem__("lr_scheduler", json.dumps(lambda_lr(system(cmd)))),
+    # ... with a tab that pure-Python YAML refuses and libyaml, jsonargparse's loader, reads.
+    "spec as text with a tab": lambda hp, cmd: hp.__setitem__(
+        "lr_scheduler", yaml.safe_dump(lambda_lr(system(cmd))).replace("command: ", "command:\t")
+    ),
 }
 
 
@@ -110,7 +115,7 @@ def test_a_checkpoint_naming_a_function_runs_nothing_in_any_reader(work, where):
         lambda c: PAYLOADS[where](c["hyper_parameters"], f"touch {marker}"),
     )
     before = snapshot(work, RUN)
-    says = "os.system', which a file from elsewhere may not build"
+    says = "which a file from elsewhere may not"
     refused(cli("test", "--ckpt_path", str(bad)), says)
     refused(cli("fit", "--ckpt_path", str(bad), "--trainer.max_steps", "6"), says)
     refused(["responses", str(bad), "--out", "figs/fig7", "--limit-batches", "1"], says, entry=paper)
@@ -191,14 +196,49 @@ def test_own_checkpoints_load_and_resume_as_before(work):
     assert sorted(p.name for p in RUN.parent.iterdir()) == ["version_0"] and (RUN / "config-test.yaml").is_file()
 
 
+def test_a_file_named_in_place_of_a_value_is_not_read_as_a_config(work):
+    marker = work.parent / "ran"
+    (RUN / "notes.txt").write_text(json.dumps(lambda_lr(system(f"touch {marker}"))))
+    bad = doctored(RUN / "checkpoints/last.ckpt", work / "file.ckpt",
+                   lambda c: c["hyper_parameters"].__setitem__("lr_scheduler", str(RUN / "notes.txt")))  # fmt: skip
+    refused(cli("test", "--ckpt_path", str(bad)), "names the file")
+    assert not marker.exists()
+
+
+def test_another_run_in_the_experiment_cannot_run_code_when_last_is_resolved(work, monkeypatch):
+    marker = work.parent / "ran"
+    monkeypatch.syspath_prepend(str(work))  # as `python -m` or a working folder on PYTHONPATH has it
+    foreign = RUN.parent / "version_9"
+    shutil.copytree(RUN, foreign)
+    (foreign / "payload.py").write_text(f"import os\nos.system('touch {marker}')\nclass Cb:\n    pass\n")
+    config = yaml.safe_load((foreign / "config.yaml").read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "logs.resnet20_cifar.version_9.payload.Cb"}]
+    (foreign / "config.yaml").write_text(yaml.safe_dump(config))
+    os.utime(foreign / "checkpoints" / "last.ckpt")  # the newest: `last` would take it if it had the same settings
+    tests = len(json.loads((RUN / "run.json").read_text())["tests"])
+    main(cli("test", "--ckpt_path", "last"))  # evaluates this command's own run, version_0
+    assert not marker.exists() and len(json.loads((RUN / "run.json").read_text())["tests"]) == tests + 1
+    importlib.import_module("logs.resnet20_cifar.version_9.payload")  # negative control: importing it runs it
+    assert marker.exists()
+
+
+def test_a_run_folder_cannot_make_paper_responses_download_or_write_elsewhere(work):
+    outside = work.parent / "outside" / "deep"
+    config = yaml.safe_load((RUN / "config.yaml").read_text())
+    config["data"]["init_args"] |= {"root": str(outside), "download": True}
+    (RUN / "config.yaml").write_text(yaml.safe_dump(config))
+    refused(["responses", str(RUN / "checkpoints/last.ckpt"), "--out", "figs/fig7"], "no CIFAR10 found", paper)
+    assert not outside.parent.exists()
+
+
 def test_a_forks_own_classes_load_where_its_own_code_names_them(work, monkeypatch):
-    (work / "myfork").mkdir()
-    (work / "myfork" / "__init__.py").write_text("")
-    (work / "myfork" / "blocks.py").write_text(
+    (work / "securefork").mkdir()  # not docs/extending.md's `myfork`, which another test imports
+    (work / "securefork" / "__init__.py").write_text("")
+    (work / "securefork" / "blocks.py").write_text(
         "from resnet_lab.models import BasicBlock\n\n\nclass Mine(BasicBlock):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(work))
-    block = ["--model.backbone.init_args.block", "myfork.blocks.Mine"]
+    block = ["--model.backbone.init_args.block", "securefork.blocks.Mine"]
     main(cli("fit", *block, "--experiment", "fork", "--trainer.max_steps", "2"))
     last = work / "logs/fork/version_0/checkpoints/last.ckpt"
     # The command's config names the class: the fork's runs test and resume as the project's do.
@@ -207,9 +247,9 @@ def test_a_forks_own_classes_load_where_its_own_code_names_them(work, monkeypatc
     main(cli("fit", *block, "--experiment", "fork", "--trainer.max_steps", "4", "--ckpt_path", "last", *version))
     assert torch.load(last, weights_only=True)["global_step"] == 4
     # In Python, the fork names its own package; unnamed, its class is one a file from elsewhere may not build.
-    with pytest.raises(DataError, match="names 'myfork.blocks.Mine', which a file from elsewhere may not build"):
+    with pytest.raises(DataError, match="names 'securefork.blocks.Mine', which a file from elsewhere may not build"):
         ImageClassifier.load_from_checkpoint(last)
-    model = ImageClassifier.load_from_checkpoint(last, trusted_modules=["myfork"])
+    model = ImageClassifier.load_from_checkpoint(last, trusted_modules=["securefork"])
     assert type(model.backbone.layer1[0]).__name__ == "Mine"
 
 

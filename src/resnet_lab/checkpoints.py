@@ -9,6 +9,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,8 +35,11 @@ REFUSED_NAMES = ("Lambda",)
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 # The checkpoint keys whose contents Lightning turns into constructor arguments (the last two: older versions').
 HYPERPARAMETER_KEYS = ("hyper_parameters", "datamodule_hyper_parameters", "hparams", "module_arguments")
+# Where a saved config that is only parsed (a run folder's, compared with this command's) may name classes from.
+PARSED_PACKAGES = ("lightning", "torch", "torchvision", "torchmetrics", "resnet_lab")
+SPEC_WORDS = re.compile(r"class_path|init_args|dict_kwargs")
+YAML_LOADERS = (yaml.SafeLoader, *([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else []))
 DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
-CONFIG_FILE = re.compile(r".*\.(ya?ml|json|jsonnet)", re.IGNORECASE)
 
 
 def _in_allowed(module: str, trusted: Collection[str] = ()) -> bool:
@@ -78,38 +82,79 @@ def _named(text: str) -> bool:
         return True
 
 
-def check_plain(tree: object, source: str, key: str = "", trusted: Collection[str] = ()) -> None:
+def _parse_only(name: str, trusted: Collection[str]) -> bool:
+    """For a saved config that is only parsed, never built: its names may come from these packages, checked as text
+    before anything is imported (jsonargparse imports every class a config names to read its signature)."""
+    return name in trusted or name.partition(".")[0] in PARSED_PACKAGES or _in_allowed(name, trusted)
+
+
+def check_plain(
+    tree: object,
+    source: str,
+    key: str = "",
+    trusted: Collection[str] = (),
+    parse_only: bool = False,
+    folder: Path | None = None,
+) -> None:
     """Refuse, in one line naming the key and the class, a saved tree (a checkpoint's hyper-parameters, a run's
     config) that names anything but an allowed class (`ALLOWED_MODULES`), at any depth: `class_path` specs, dotted
-    strings (jsonargparse imports them in type and callable slots), specs written as YAML or JSON text, and config
-    files named by path (jsonargparse reads both in place of a value). `trusted`: names and modules that the
-    user's own code names (a fork's classes, as its config names them), allowed as well."""
+    strings (jsonargparse imports them in type and callable slots), specs written as YAML or JSON text, and files
+    named by path (jsonargparse reads both in place of a value, as YAML or JSON whatever the file's name).
+    `trusted`: names and modules that the user's own code names (a fork's classes, as its config names them);
+    `parse_only`: a config that is parsed but never built, whose names need only come from `PARSED_PACKAGES`;
+    `folder`: where its relative paths lead besides the working folder."""
+    allowed = partial(_parse_only if parse_only else _allowed, trusted=trusted)
+    again = partial(check_plain, source=source, trusted=trusted, parse_only=parse_only, folder=folder)
     if isinstance(tree, dict):
         for name, value in tree.items():
             at = f"{key}.{name}" if key else str(name)
             if name == "_instantiator" and value == LIGHTNING_INSTANTIATOR:
                 continue
             if name in ("class_path", "_class_path", "_instantiator") and not (
-                isinstance(value, str) and DOTTED_NAME.fullmatch(value) and _allowed(value, trusted)
+                isinstance(value, str) and DOTTED_NAME.fullmatch(value) and allowed(value)
             ):
                 raise DataError(_refusal(source, at, value))
-            check_plain(value, source, at, trusted)
+            again(value, key=at)
     elif isinstance(tree, list | tuple):
         for index, value in enumerate(tree):
-            check_plain(value, source, f"{key}[{index}]", trusted)
+            again(value, key=f"{key}[{index}]")
     elif isinstance(tree, str):
-        if _named(tree) and not _allowed(tree, trusted):
+        text = tree.strip()
+        if _named(text) and not allowed(text):
             raise DataError(_refusal(source, key, tree))
-        if CONFIG_FILE.fullmatch(tree.strip()) and Path(tree.strip()).is_file():
+        if SPEC_WORDS.search(tree):
+            raise DataError(f"{source}: {key} holds a class spec written as text ({tree[:60]!r}), which a file from "
+                            "elsewhere may not hold")  # fmt: skip
+        if text and any(_is_file(base / text) for base in (Path(), *([folder] if folder else []))):
             raise DataError(f"{source}: {key} names the file {tree!r}, which would be read as a config: a file from "
-                            "elsewhere cannot name a config")  # fmt: skip
-        if any(c in tree for c in ":{["):
+                            "elsewhere cannot name one")  # fmt: skip
+        for loader in YAML_LOADERS:  # jsonargparse reads a string in a typed slot as YAML, with libyaml's loader
             try:
-                parsed = yaml.safe_load(tree)
+                parsed = yaml.load(tree, Loader=loader)  # noqa: S506 - safe loaders only
             except yaml.YAMLError:
-                return
+                continue
             if isinstance(parsed, dict | list):
-                check_plain(parsed, source, key, trusted)
+                again(parsed, key=key)
+
+
+def read_saved_config(path: Path) -> dict:
+    """A run folder's saved config as data: a mapping that every YAML loader reads alike (pure Python's and libyaml's,
+    which jsonargparse uses, differ on tabs and byte-order marks: a file that reads two ways is refused)."""
+    text = path.read_text()
+    try:
+        readings = [yaml.load(text, Loader=loader) for loader in YAML_LOADERS]  # noqa: S506 - safe loaders only
+    except yaml.YAMLError as err:
+        raise DataError(f"{path} is not readable YAML ({str(err).splitlines()[0]})") from err
+    if any(reading != readings[0] for reading in readings) or not isinstance(readings[0], dict | None):
+        raise DataError(f"{path} reads differently in different YAML loaders, or is not a mapping: not a saved config")
+    return readings[0] or {}
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a file anyone could read
+        return False
 
 
 def check_checkpoint_plain(checkpoint: dict, source: str, trusted: Collection[str] = ()) -> None:

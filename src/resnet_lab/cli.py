@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from jsonargparse import Namespace, dict_to_namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
@@ -26,9 +25,16 @@ from resnet_lab.callbacks import (
     ThrottledProgressBar,
     ValidateAtMaxSteps,
 )
-from resnet_lab.checkpoints import LIGHTNING_ALIASES, AtomicCheckpointIO, check_checkpoint_plain, check_plain, names_in
+from resnet_lab.checkpoints import (
+    LIGHTNING_ALIASES,
+    AtomicCheckpointIO,
+    check_checkpoint_plain,
+    check_plain,
+    names_in,
+    read_saved_config,
+)
 from resnet_lab.data.base import ClassificationDataModule
-from resnet_lab.errors import ConfigError
+from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.graph_step import check_supported
 from resnet_lab.launch import (
     check_config_after_subcommand,
@@ -389,9 +395,13 @@ class ResNetLabCLI(LightningCLI):
         of them for `fit`, the network's for an evaluation; and the seed."""
         if not (run / "config.yaml").is_file():
             return ["no config.yaml this version can read"]
-        held = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        if isinstance(held, dict):  # a run folder is data: what would build classes is checked as a checkpoint's is
-            check_plain({k: held.get(k) for k in ("model", "data")}, str(run / "config.yaml"), "", _own_names(config))
+        try:  # a run folder is data: parsing it imports what it names, which is checked first
+            held = read_saved_config(run / "config.yaml")
+            own, source = _own_names(config), str(run / "config.yaml")
+            check_plain({k: held.get(k) for k in ("model", "data")}, source, "", own, folder=run)
+            check_plain({k: v for k, v in held.items() if k != "ckpt_path"}, source, "", own, True, run)
+        except DataError as err:  # another run's doing: not the run this command names
+            return [f"a config.yaml this command does not read ({err})"]
         saved = self._parse_alone(["--config", str(run / "config.yaml")])
         if saved is None:
             return ["no config.yaml this version can read"]
@@ -504,7 +514,7 @@ def _network(config: Namespace | None) -> dict[str, str]:
 def _own_names(config: Namespace) -> set[str]:
     """The classes (and their modules) this command's config names: a checkpoint or run folder may name them too,
     so that a fork's runs, with classes of its own, resume and evaluate as the project's do."""
-    return names_in({key: config.get(key).as_dict() for key in ("model", "data") if config.get(key) is not None})
+    return names_in(config.as_dict())
 
 
 def main(args: ArgsType = None) -> None:

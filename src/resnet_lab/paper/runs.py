@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from matplotlib.figure import Figure
@@ -16,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
-from resnet_lab.checkpoints import check_plain
+from resnet_lab.checkpoints import check_plain, read_saved_config
 from resnet_lab.errors import DatasetNotFoundError
 from resnet_lab.files import atomic_write_text, csv_cell
 from resnet_lab.launch import config_key
@@ -39,16 +38,18 @@ class Run:
 
     @cached_property
     def config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        return read_saved_config(self.path / "config.yaml")
 
     def datamodule(self, root: str | None = None) -> LightningDataModule:
         """The run's data module, as its config built it (optionally with another data folder)."""
         data = self.config["data"]
-        check_plain(data, f"{self.path / 'config.yaml'}: data")  # a run folder from elsewhere is data
+        check_plain(data, f"{self.path / 'config.yaml'}: data", folder=self.path)  # a run folder from elsewhere: data
         init_args = {**data.get("init_args", {}), **({"root": root} if root else {})}
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(LightningDataModule, "data")
         config = parser.parse_object({"data": {"class_path": data["class_path"], "init_args": init_args}})
+        if "download" in config.data.init_args:  # reading a run's figures downloads nothing, anywhere
+            config.data.init_args.download = False
         return parser.instantiate_classes(config).data
 
     @property
