@@ -337,6 +337,11 @@ def test_names_that_become_paths_are_checked(work):
     record = json.loads((RUN / "run.json").read_text())
     (RUN / "run.json").write_text(json.dumps(record | {"run_id": escaped}))
     refused(["record", str(RUN), "--ledger", "results"], "is not a run id", entry=paper)
+    (RUN / "run.json").write_text(json.dumps(record))
+    config = yaml.safe_load((RUN / "config.yaml").read_text())
+    config["data"]["class_path"] = "resnet_lab.data./../../../escaped"  # the dataset's name names the ledger file
+    (RUN / "config.yaml").write_text(yaml.safe_dump(config))
+    refused(["record", str(RUN), "--ledger", "results"], "data.class_path does not end in a class name", paper)
     assert not (work / "results").exists() and not list(work.parent.parent.glob("escaped*"))
 
 

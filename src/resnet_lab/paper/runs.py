@@ -16,7 +16,7 @@ from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.checkpoints import check_plain, read_saved_config
-from resnet_lab.errors import DatasetNotFoundError
+from resnet_lab.errors import DataError, DatasetNotFoundError
 from resnet_lab.files import atomic_write_text, csv_cell
 from resnet_lab.launch import config_key
 
@@ -55,7 +55,9 @@ class Run:
     @property
     def dataset(self) -> str:
         """`cifar10` for resnet_lab.data.CIFAR10DataModule: the data module's class without `DataModule`."""
-        name = self.config["data"]["class_path"].rsplit(".", 1)[-1]
+        name = str(self.config.get("data", {}).get("class_path", "")).rsplit(".", 1)[-1]
+        if not name.isidentifier():  # it names the ledger's file: a run folder from elsewhere is data
+            raise DataError(f"{self.path / 'config.yaml'}: data.class_path does not end in a class name ({name!r})")
         return name.removesuffix("DataModule").lower() or name.lower()
 
     @property
