@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import Namespace, dict_to_namespace
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 
@@ -187,6 +188,95 @@ def _refusal(source: str, key: str, value: object) -> str:
         "docs/security.md lists them); if you trust it, name it in your own config, or in load_from_checkpoint's "
         "trusted_modules"
     )
+
+
+def check_lightning_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents; a missing, truncated or foreign file: one clear line, before any work."""
+    checkpoint = read_checkpoint(path)
+    if "pytorch-lightning_version" not in checkpoint:
+        raise DataError(
+            f"{path} is not a Lightning checkpoint; for published CIFAR weights run "
+            "`python -m resnet_lab.paper import-cifar` first"
+        )
+    return checkpoint
+
+
+def hpc_checkpoint(folder: Path) -> Path:
+    """`--ckpt_path hpc` as Lightning resolves it: the highest `hpc_ckpt_<N>.ckpt` that a SLURM requeue left in the
+    trainer's default_root_dir; resolved here so that it goes through the checks of a path."""
+    found = {
+        int(match[1]): path
+        for path in folder.glob("hpc_ckpt_*.ckpt")
+        if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))
+    }
+    if not found:
+        raise ConfigError(
+            f"--ckpt_path hpc: no hpc_ckpt_<N>.ckpt in {folder} (a SLURM requeue writes them into "
+            "--trainer.default_root_dir); give a checkpoint's path"
+        )
+    return found[max(found)]
+
+
+def resolve_alias(ckpt_path: str, default_root_dir: str | None) -> str | None:
+    """The file a `--ckpt_path` names, so that it passes the checks of a path before Lightning reads it: itself,
+    or SLURM's newest `hpc_ckpt_<N>.ckpt` for `hpc`; None for our `last`, resolved once its run is known.
+    `best` and `registry` name files that cannot be checked before Lightning loads them: refused."""
+    if ckpt_path not in LIGHTNING_ALIASES:
+        return ckpt_path
+    if Path(ckpt_path).is_file():  # Lightning would read it as a checkpoint before any alias is resolved
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: a file named {ckpt_path!r} in the working folder shadows the alias; rename "
+            f"it, or give it as ./{ckpt_path} if it is the checkpoint you mean"
+        )
+    if ckpt_path in ("best", "registry"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} names a checkpoint this command cannot check before it loads it (`best`: of "
+            "a fit in the same process; `registry`: downloaded): give the file's path, e.g. "
+            "<run>/checkpoints/best-step<N>.ckpt"
+        )
+    return None if ckpt_path == "last" else str(hpc_checkpoint(Path(default_root_dir or ".")))
+
+
+def check_checkpoint_for(config: Namespace, path: str) -> None:
+    """A checkpoint given to the command line is data: a local, readable Lightning checkpoint of plain values (never
+    unpickled), naming only allowed classes or those the command's own config names (`check_checkpoint_plain`),
+    and holding the network the config names, rather than evaluate one network under another's name."""
+    if "://" in path:
+        raise ConfigError(
+            f"--ckpt_path {path}: a URL is not read (Lightning unpickles remote checkpoints); download the file and "
+            "give its path"
+        )
+    checkpoint = check_lightning_checkpoint(path)
+    check_checkpoint_plain(checkpoint, f"--ckpt_path {path}", trusted=names_in(config.as_dict()))
+    given = network_of(config)
+    theirs = network_of(Namespace(model=dict_to_namespace(checkpoint.get("hyper_parameters") or {})))
+    differences = [
+        f"{key} {theirs[key]} in the checkpoint, {value} in the config"
+        for key, value in given.items()
+        if key in theirs and theirs[key] != value
+    ]
+    if differences:
+        raise ConfigError(
+            f"--ckpt_path {path} holds another network than the config names ({'; '.join(differences)}): give the "
+            "config of the run that trained it (its run folder's config.yaml)"
+        )
+
+
+def network_of(config: Namespace | None) -> dict[str, str]:
+    """The backbone a config names, as comparable text: its class and arguments, classes by their own name (the
+    class count is left out: the data module sets it, and a checkpoint of another count fails to load, saying so)."""
+    backbone = config.get("model.backbone") if isinstance(config, Namespace) else None
+    if not isinstance(backbone, Namespace) or "class_path" not in backbone:
+        return {}
+
+    def text(value: object) -> str:
+        value = getattr(value, "__name__", value)
+        return str(value).rpartition(".")[2] if isinstance(value, str) and "." in value else str(value)
+
+    arguments = (backbone.get("init_args") or Namespace()).as_dict()
+    return {"network": text(backbone.class_path)} | {
+        key: text(value) for key, value in arguments.items() if key != "num_classes"
+    }
 
 
 def read_checkpoint(path: str | Path) -> dict:

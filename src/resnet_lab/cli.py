@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from jsonargparse import Namespace, dict_to_namespace
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
@@ -26,19 +26,18 @@ from resnet_lab.callbacks import (
     ValidateAtMaxSteps,
 )
 from resnet_lab.checkpoints import (
-    LIGHTNING_ALIASES,
     AtomicCheckpointIO,
-    check_checkpoint_plain,
+    check_checkpoint_for,
     check_plain,
     names_in,
     read_saved_config,
+    resolve_alias,
 )
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.graph_step import check_supported
 from resnet_lab.launch import (
     check_config_after_subcommand,
-    check_lightning_checkpoint,
     check_run_name,
     check_writable,
     config_differences,
@@ -46,7 +45,6 @@ from resnet_lab.launch import (
     error_message,
     expand_recipes,
     experiment_config,
-    hpc_checkpoint,
     limits_given_as_one_batch,
     link_num_classes,
     run_name,
@@ -241,55 +239,18 @@ class ResNetLabCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Then check the checkpoint, before LightningCLI merges its hyper-parameters into the config and jsonargparse
-        builds every class they name: see `_check_checkpoint`. Lightning's aliases are resolved or refused first, so
-        that they pass the same checks (our `last`: in `_resume_last_run`, once the run is known)."""
+        builds every class they name (`check_checkpoint_for`), Lightning's aliases resolved or refused first
+        (`resolve_alias`; our `last` in `_resume_last_run`, once the run is known)."""
         super().parse_arguments(parser, args)
         config = self.config.get(self.config.get("subcommand") or "")
         if not isinstance(config, Namespace) or not config.get("ckpt_path"):
             return
         # How the model runs is this command's, whichever path wrote the checkpoint: restored after the merge.
         self.how_to_run = {key: config.get(f"model.{key}") for key in HOW_TO_RUN}
-        ckpt_path = str(config.ckpt_path)
-        if ckpt_path in LIGHTNING_ALIASES:
-            if Path(ckpt_path).is_file():  # Lightning would read it as a checkpoint before any alias is resolved
-                raise ConfigError(
-                    f"--ckpt_path {ckpt_path}: a file named {ckpt_path!r} in the working folder shadows the alias; "
-                    f"rename it, or give it as ./{ckpt_path} if it is the checkpoint you mean"
-                )
-            if ckpt_path in ("best", "registry"):
-                raise ConfigError(
-                    f"--ckpt_path {ckpt_path} names a checkpoint this command cannot check before it loads it "
-                    "(`best`: of a fit in the same process; `registry`: downloaded): give the file's path, e.g. "
-                    "<run>/checkpoints/best-step<N>.ckpt"
-                )
-            if ckpt_path == "last":
-                return
-            config.ckpt_path = ckpt_path = str(hpc_checkpoint(Path(config.trainer.get("default_root_dir") or ".")))
-        self._check_checkpoint(config, ckpt_path)
-
-    def _check_checkpoint(self, config: Namespace, path: str) -> None:
-        """A checkpoint is data: a local, readable Lightning checkpoint of plain values (never unpickled), whose
-        hyper-parameters name only allowed classes (`check_plain`), and which holds the network the config names,
-        rather than evaluate one network under another's name."""
-        if "://" in path:
-            raise ConfigError(
-                f"--ckpt_path {path}: a URL is not read (Lightning unpickles remote checkpoints); download the file "
-                "and give its path"
-            )
-        checkpoint = check_lightning_checkpoint(path)
-        check_checkpoint_plain(checkpoint, f"--ckpt_path {path}", trusted=_own_names(config))
-        held = checkpoint.get("hyper_parameters") or {}
-        given, theirs = _network(config), _network(Namespace(model=dict_to_namespace(held)))
-        differences = [
-            f"{key} {theirs[key]} in the checkpoint, {value} in the config"
-            for key, value in given.items()
-            if key in theirs and theirs[key] != value
-        ]
-        if differences:
-            raise ConfigError(
-                f"--ckpt_path {path} holds another network than the config names ({'; '.join(differences)}): give "
-                "the config of the run that trained it (its run folder's config.yaml)"
-            )
+        path = resolve_alias(str(config.ckpt_path), config.trainer.get("default_root_dir"))
+        if path is not None:
+            config.ckpt_path = path
+            check_checkpoint_for(config, path)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -397,7 +358,7 @@ class ResNetLabCLI(LightningCLI):
             return ["no config.yaml this version can read"]
         try:  # a run folder is data: parsing it imports what it names, which is checked first
             held = read_saved_config(run / "config.yaml")
-            own, source = _own_names(config), str(run / "config.yaml")
+            own, source = names_in(config.as_dict()), str(run / "config.yaml")
             check_plain({k: held.get(k) for k in ("model", "data")}, source, "", own, folder=run)
             check_plain({k: v for k, v in held.items() if k != "ckpt_path"}, source, "", own, True, run)
         except DataError as err:  # another run's doing: not the run this command names
@@ -422,7 +383,7 @@ class ResNetLabCLI(LightningCLI):
         continue where they stopped."""
         version = config.trainer.logger.init_args.get("version") if self.subcommand == "fit" else None
         last, why = run_to_resume(experiment, version, partial(self._differences, config))
-        self._check_checkpoint(config, str(last))
+        check_checkpoint_for(config, str(last))
         config.ckpt_path = str(last)
         if self.subcommand == "fit":
             config.trainer.logger.init_args.version = last.parents[1].name
@@ -492,29 +453,6 @@ class ResNetLabCLI(LightningCLI):
 
 # The module's arguments that change how it computes, not what it computes.
 HOW_TO_RUN = ("graph_step", "compile", "compile_mode", "compile_backend", "channels_last")
-
-
-def _network(config: Namespace | None) -> dict[str, str]:
-    """The backbone a config names, as comparable text: its class and arguments, classes by their own name (the
-    class count is left out: the data module sets it, and a checkpoint of another count fails to load, saying so)."""
-    backbone = config.get("model.backbone") if isinstance(config, Namespace) else None
-    if not isinstance(backbone, Namespace) or "class_path" not in backbone:
-        return {}
-
-    def text(value: object) -> str:
-        value = getattr(value, "__name__", value)
-        return str(value).rpartition(".")[2] if isinstance(value, str) and "." in value else str(value)
-
-    arguments = (backbone.get("init_args") or Namespace()).as_dict()
-    return {"network": text(backbone.class_path)} | {
-        key: text(value) for key, value in arguments.items() if key != "num_classes"
-    }
-
-
-def _own_names(config: Namespace) -> set[str]:
-    """The classes (and their modules) this command's config names: a checkpoint or run folder may name them too,
-    so that a fork's runs, with classes of its own, resume and evaluate as the project's do."""
-    return names_in(config.as_dict())
 
 
 def main(args: ArgsType = None) -> None:

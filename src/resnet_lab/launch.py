@@ -14,8 +14,8 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 
-from resnet_lab.checkpoints import read_checkpoint
-from resnet_lab.errors import ConfigError, DataError, UserError
+from resnet_lab.checkpoints import check_lightning_checkpoint
+from resnet_lab.errors import ConfigError, UserError
 
 
 def config_key(config: str | Path, key: str) -> object:
@@ -161,33 +161,6 @@ def limits_given_as_one_batch(args: list[str]) -> set[str]:
                 last[key] = value.strip() == "1"
                 break
     return {key for key, one in last.items() if one}
-
-
-def check_lightning_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's contents; a missing, truncated or foreign file: one clear line, before any work."""
-    checkpoint = read_checkpoint(path)
-    if "pytorch-lightning_version" not in checkpoint:
-        raise DataError(
-            f"{path} is not a Lightning checkpoint; for published CIFAR weights run "
-            "`python -m resnet_lab.paper import-cifar` first"
-        )
-    return checkpoint
-
-
-def hpc_checkpoint(folder: Path) -> Path:
-    """`--ckpt_path hpc` as Lightning resolves it: the highest `hpc_ckpt_<N>.ckpt` that a SLURM requeue left in the
-    trainer's default_root_dir; resolved here so that it goes through the checks of a path."""
-    found = {
-        int(match[1]): path
-        for path in folder.glob("hpc_ckpt_*.ckpt")
-        if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))
-    }
-    if not found:
-        raise ConfigError(
-            f"--ckpt_path hpc: no hpc_ckpt_<N>.ckpt in {folder} (a SLURM requeue writes them into "
-            "--trainer.default_root_dir); give a checkpoint's path"
-        )
-    return found[max(found)]
 
 
 def check_writable(folder: Path) -> None:
