@@ -260,7 +260,9 @@ def record(paths: Iterable[Path], ledger: Path = LEDGER, skip_recorded: Collecti
         atomic_write_text(ledger / curve_path, json.dumps(curve, separators=(",", ":")) + "\n")
         table = ledger / f"{dataset}.csv"
         text = io.StringIO()
-        text.write(table.read_text() if table.is_file() else "")
+        if table.is_file():
+            with table.open(newline="") as f:  # as written: the csv module's \r\n line ends kept
+                text.write(f.read())
         writer = csv.DictWriter(text, COLUMNS)
         if not table.is_file():
             writer.writeheader()
