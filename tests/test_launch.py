@@ -8,10 +8,10 @@ import torch
 from jsonargparse import Namespace
 
 from conftest import CONFIGS
+from resnet_lab.checkpoints import check_lightning_checkpoint
 from resnet_lab.cli import main
 from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.launch import (
-    check_lightning_checkpoint,
     check_writable,
     expand_recipes,
     limits_given_as_one_batch,

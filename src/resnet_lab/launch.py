@@ -14,7 +14,6 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 
-from resnet_lab.checkpoints import check_lightning_checkpoint
 from resnet_lab.errors import ConfigError, UserError
 
 
@@ -193,7 +192,6 @@ def run_to_resume(experiment: Path, version: str | None, differences: Callable[[
                 f"--ckpt_path last: the run --trainer.logger.init_args.version {version} names has no {last} to "
                 "resume from; start it without --ckpt_path, or give a checkpoint's path"
             )
-        check_lightning_checkpoint(last)
         return last, f"the run --trainer.logger.init_args.version {version} names"
     candidates = sorted(experiment.glob("*/checkpoints/last.ckpt"))
     if not candidates:
@@ -212,7 +210,6 @@ def run_to_resume(experiment: Path, version: str | None, differences: Callable[[
             "resume with --trainer.logger.init_args.version <its folder>, or give a checkpoint's path"
         )
     last = max(same, key=os.path.getmtime)
-    check_lightning_checkpoint(last)
     count = "the only run" if len(same) == 1 else f"the newest (by its last.ckpt) of {len(same)} runs"
     return last, f"{count} of {experiment.name} with this command's settings"
 
