@@ -11,9 +11,10 @@
    training throughput.
 4. Peak memory of one ResNet-110 / ResNet-1202 training step, with and without activation checkpointing
    (CUDA max allocated on a GPU; peak RSS of a fresh process on a CPU).
-5. The graph step (`--model.graph_step true`): milliseconds per iteration of CIFAR ResNet-20 and ResNet-110 with
-   the whole step captured, alone (one fixed batch, no Lightning) and inside `fit`, beside the ordinary path's
-   `fit` (gpu_fast: compiled with CUDA graphs of forward and backward) and the hand-written loop, in the same run.
+5. The graph step (`GraphStepClassifier`, configs/presets/gpu_graph.yaml): milliseconds per iteration of CIFAR
+   ResNet-20 and ResNet-110 with the whole step captured, alone (one fixed batch, no Lightning) and inside `fit`,
+   beside the ordinary path's `fit` (gpu_fast: compiled with CUDA graphs of forward and backward) and the
+   hand-written loop, in the same run.
    On a CPU nothing is captured: the rows then measure the eager step.
 6. On a CPU, configs/presets/cpu_fast.yaml (with bf16 where the CPU has bfloat16 instructions) on ResNet-20 and
    ResNet-56: its fit against the fp32 fit without it and against a hand-written loop with the same settings, and
@@ -63,7 +64,7 @@ from resnet_lab.data.batches import (
     MixBatch,
     PadCropFlip,
 )
-from resnet_lab.graph_step import GraphStep
+from resnet_lab.graph_step import GraphStep, GraphStepClassifier
 from resnet_lab.records import cpu_has_bf16, cpu_info
 
 GROUPS = ("cifar", "cpu_fast", "recipe", "graph", "overhead", "resnet50", "pipeline", "memory")
@@ -183,13 +184,12 @@ def lightning_rate(
     graph_step=False,
     channels_last=True,
 ) -> float:
-    model = ImageClassifier(
+    model = (GraphStepClassifier if graph_step else ImageClassifier)(
         net,
         optimizer=functools.partial(sgd, fused=device.type == "cuda" or graph_step),
         channels_last=channels_last,
         compile=compile_mode is not None,
         compile_mode=compile_mode or "default",
-        graph_step=graph_step,
     )
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as logs:

@@ -71,6 +71,8 @@ def test_presets_stack_on_an_experiment(preset, capsys):
 
     def assert_within(given: dict, printed: dict) -> None:
         for key, value in given.items():
+            if key not in printed and key.rstrip("+") not in printed and "init_args" in printed:
+                printed = printed["init_args"]  # a class's arguments, given without its class_path
             if key.endswith("+"):  # appended to the experiment's list: the list ends with it
                 tail = printed[key[:-1]][-len(value) :]
                 for item, shown in zip(value, tail, strict=True):
@@ -81,7 +83,7 @@ def test_presets_stack_on_an_experiment(preset, capsys):
                 assert printed[key] == value, key
 
     assert_within(yaml.safe_load(preset.read_text()), printed)
-    assert printed["model"]["backbone"]["init_args"]["depth"] == 110
+    assert printed["model"]["init_args"]["backbone"]["init_args"]["depth"] == 110
 
 
 def test_command_line_overrides_switch_architecture_and_precision(cifar_root):
@@ -116,7 +118,8 @@ def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_r
     assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
     assert last.is_file() and list((run / "checkpoints").glob("best-step*.ckpt"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["backbone"]["init_args"]["depth"] == 20 and saved["trainer"]["max_steps"] == 6
+    assert saved["model"]["class_path"] == "resnet_lab.ImageClassifier"  # the module class is a choice, recorded
+    assert saved["model"]["init_args"]["backbone"]["init_args"]["depth"] == 20 and saved["trainer"]["max_steps"] == 6
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -151,7 +154,16 @@ def test_fit_writes_one_run_folder_and_the_checkpoint_rebuilds_the_model(cifar_r
     events = EventAccumulator(str(run)).Reload()
     assert events.Scalars("test/err_top1") and [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3, 4, 5]
     # TensorBoard's HPARAMS tab: the run's settings with its final errors, under hparams/ (logged at step 0).
-    assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= set(events.PluginTagToContent("hparams"))
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/session_start_info", "_hparams_/experiment"} <= set(hparams)
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    shown = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
+    # The data's and the trainer's settings beside the model's.
+    assert {"model/class", "model/backbone/init_args/depth", "data/init_args/batch_size", "trainer/max_steps"} <= set(
+        shown
+    )
+    assert shown["model/backbone/init_args/depth"].number_value == 20 and "seed" in shown
     assert {"hparams/val_err_top1", "hparams/test_err_top1"} <= set(events.Tags()["scalars"])
 
 
@@ -249,9 +261,13 @@ def test_help_shows_the_project(capsys):
         main(["fit", "--help"])
     fit = capsys.readouterr().out
     assert len(fit.splitlines()) < 1000  # not every nn.Module of torch and torchmetrics
-    backbone = fit[fit.index("  --model.backbone BACKBONE\n") :][:800]
-    assert "this project's" in backbone and "CifarResNet, ImageNetResNet" in " ".join(backbone.split())
     assert "the run this command names" in " ".join(fit.split())  # our `--ckpt_path last`, not Lightning's
+    assert "subclass of ImageClassifier" in " ".join(fit.split())  # the module's class is a choice
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "ImageClassifier"])  # its arguments
+    module = capsys.readouterr().out
+    backbone = module[module.index("  --model.backbone BACKBONE\n") :][:800]
+    assert "this project's" in backbone and "CifarResNet, ImageNetResNet" in " ".join(backbone.split())
     with pytest.raises(SystemExit):
         main(["fit", "--data.help", "CIFAR10DataModule"])  # short names work
     assert "--data.root ROOT" in capsys.readouterr().out
@@ -268,9 +284,10 @@ def test_the_progress_bar_after_a_resume_mid_epoch(cifar_root, tmp_path, capfd):
     main(["fit", *base, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
     bar = capfd.readouterr().out.replace("\r", "\n")
     # The epoch and its length (Lightning starts no epoch on such a resume), where it resumed, the training window's
-    # loss and error, and the run's whole name.
+    # loss and error (a percentage, which the bar says), and the run's whole name.
     assert re.search(r"Epoch 0:  50%.* 2/4 ", bar), bar  # resumed after 2 of the 4 iterations this epoch trains
-    assert re.search(r"Epoch 0: 100%.* 4/4 .*train/loss=[\d.]+, train/err_top1=[\d.]+.*run=version_1", bar), bar
+    assert re.search(r"Epoch 0: 100%.* 4/4 .*train/loss=[\d.]+, train/err_top1=\d+\.\d\d%.*run=version_1", bar), bar
+    assert re.search(r"val/err_top1=\d+\.\d\d%", bar), bar
     assert not re.search(r"Epoch 0: .*/\?", bar)
 
 
@@ -287,3 +304,43 @@ def test_a_true_precision_trains_and_tests_on_the_device_batches(cifar_root, tmp
     )
     dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
     assert last["global_step"] == 6 and last["state_dict"]["backbone.fc.weight"].dtype == dtype
+
+
+FORK = '''
+from resnet_lab import ImageClassifier
+
+
+class Penalised(ImageClassifier):
+    """A fork's module: the training loss plus a penalty on the logits' size, one new argument."""
+
+    def __init__(self, *args, penalty: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.penalty = penalty
+
+    def loss_and_means(self, images, labels):
+        logits = self(images)
+        loss = self.loss(logits, labels) + self.penalty * logits.square().mean()
+        return loss, self.train_means.add(logits, labels, loss)
+'''
+
+
+def test_a_forks_module_is_one_class_and_one_option(cifar_root, tmp_path, monkeypatch, capsys):
+    (tmp_path / "fork.py").write_text(FORK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    steps = ["--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    main(["fit", *cifar_args(cifar_root, *steps), "--model", "fork.Penalised", "--model.penalty", "0.5"])
+    run = tmp_path / "logs" / "resnet20_cifar" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert saved["class_path"] == "fork.Penalised" and saved["init_args"]["penalty"] == 0.5
+    assert saved["init_args"]["backbone"]["init_args"]["depth"] == 20  # the experiment's own settings kept
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["_class_path"] == "fork.Penalised" and hparams["penalty"] == 0.5
+    # The stock command tests the fork's run when the command names the fork's class (its own code)...
+    evaluate = ["--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.limit_test_batches", "1"]
+    cli = ResNetLabCLI(args=["test", *cifar_args(cifar_root), "--model", "fork.Penalised", *evaluate])
+    assert type(cli.model).__name__ == "Penalised" and cli.model.penalty == 0.5
+    assert "test/err_top1" in cli.trainer.callback_metrics
+    # ... and a checkpoint that names a class the command does not is data: refused in one line.
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="fork.Penalised"):
+        main(["test", *cifar_args(cifar_root), *evaluate])

@@ -1,6 +1,7 @@
 """docs/extending.md, run: its files written into a fresh folder, its commands run on a small CIFAR-10, and the
 effect of each extension checked on what the run wrote."""
 
+import json
 import re
 import runpy
 import shlex
@@ -14,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import QUIET, REPO
 from resnet_lab.cli import main
+from resnet_lab.errors import ConfigError
+from resnet_lab.models import CifarResNet
 
 DOC = REPO / "docs" / "extending.md"
 BLOCK = re.compile(r"```(\w+)(?: file=(\S+))?\n(.*?)```", re.S)
@@ -47,7 +50,28 @@ def checkpoint_of(run: Path) -> dict:
 
 
 def check_block(run: Path) -> None:
-    assert any(".gate." in key for key in checkpoint_of(run)["state_dict"])
+    from myfork.attention import SqueezeExcite  # the files the doc wrote
+    from myfork.blocks import DropoutBasicBlock
+
+    se_run, dropout_run = sorted(run.parent.glob("version_*"))  # the two commands, in order
+    state = checkpoint_of(se_run)["state_dict"]
+    # An SE in every unit, reduction 8 as the config says: 16 channels to 2 in the first stage.
+    assert state["backbone.layer1.0.attn.gate.1.weight"].shape == (2, 16, 1, 1)
+    assert sum(key.endswith(".attn.gate.1.weight") for key in state) == 9
+    saved = yaml.safe_load((dropout_run / "config.yaml").read_text())["model"]
+    backbone = saved.get("init_args", saved)["backbone"]["init_args"]
+    assert backbone["block"] == "myfork.blocks.DropoutBasicBlock" and backbone["block_kwargs"] == {"drop": 0.2}
+    # What the run built: a dropout of 0.2 in every unit, active in training only.
+    net = CifarResNet(20, block=DropoutBasicBlock, block_kwargs=backbone["block_kwargs"], attn_layer=SqueezeExcite)
+    assert {m.dropout.p for m in net.modules() if isinstance(m, DropoutBasicBlock)} == {0.2}
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(net.train()(x), net(x))
+    assert torch.equal(net.eval()(x), net(x))
+    # The refusal the doc quotes is the one a misspelt option gets.
+    quoted = re.search(r"`error: (block_kwargs key 'dorp'.*?)`", DOC.read_text()).group(1)
+    with pytest.raises(ConfigError) as refusal:
+        CifarResNet(20, block=DropoutBasicBlock, block_kwargs={"dorp": 0.2})
+    assert str(refusal.value) == quoted
 
 
 def check_shortcut(run: Path) -> None:
@@ -61,7 +85,7 @@ def check_augmentation(run: Path) -> None:
     images = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
     out = cutout.apply(images, cutout.draw(4, torch.Generator().manual_seed(0)))
     zeros = (out == 0).flatten(1).sum(1)
-    assert ((zeros > 0) & (zeros <= 3 * 9 * 9)).all()  # a square of at most 9 x 9 pixels in each image
+    assert ((zeros > 0) & (zeros <= 3 * 8 * 8)).all()  # a square of at most 8 x 8 pixels in each image
     cutout_run, augmix_run = sorted(run.parent.glob("version_*"))  # the two commands, in order
     assert "myfork.augment.Cutout" in (cutout_run / "config.yaml").read_text()
     augmentations = yaml.safe_load((augmix_run / "config.yaml").read_text())["data"]["init_args"]["augmentations"]
@@ -84,6 +108,29 @@ def check_metric(run: Path) -> None:
     assert {"train/acc_top5", "train/err_top5", "train/confidence", "train/err_top1"} <= tags
 
 
+def check_evaluation_metric(run: Path) -> None:
+    ece = EventAccumulator(str(run)).Reload().Scalars("val/ece")
+    assert ece and 0 <= ece[-1].value <= 1
+
+
+def check_loss(run: Path) -> None:
+    loss = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["loss"]
+    assert loss == {"class_path": "myfork.losses.FocalLoss", "init_args": {"gamma": 1.0}}
+    from myfork.losses import FocalLoss
+
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    focal, plain = FocalLoss(0.0)(logits, labels), torch.nn.functional.cross_entropy(logits, labels)
+    torch.testing.assert_close(focal, plain)  # gamma 0 is cross-entropy
+    assert FocalLoss(1.0)(logits, labels) < plain
+
+
+def check_module(run: Path) -> None:
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert model["class_path"] == "myfork.module.LogitPenalty" and model["init_args"]["penalty"] == 0.1
+    tests = json.loads((run / "run.json").read_text())["tests"]
+    assert [t["weights"] for t in tests] == ["last.ckpt"]  # the stock test command, logged into the fork's run
+
+
 def check_figure(run: Path) -> None:
     assert Path("logs/figures/lr.png").is_file()
     assert len(EventAccumulator(str(run)).Reload().Scalars("lr-SGD")) == 2  # what the figure drew
@@ -96,6 +143,9 @@ CHECKS = {
     "A schedule": check_schedule,
     "A dataset": check_dataset,
     "A training metric": check_metric,
+    "An evaluation metric": check_evaluation_metric,
+    "A loss": check_loss,
+    "A module": check_module,
     "A figure": check_figure,
 }
 
@@ -119,6 +169,25 @@ def fork(tmp_path, cifar_root, monkeypatch):
     for name in [m for m in sys.modules if m == "myfork" or m.startswith("myfork.")]:
         monkeypatch.delitem(sys.modules, name)
     return work
+
+
+@pytest.mark.parametrize("size", [1, 8, 9, 16, 17])
+def test_cutout_zeroes_exactly_a_size_by_size_square(fork, size):
+    from myfork.augment import Cutout  # the file the doc wrote
+
+    cutout = Cutout(size)
+    images = torch.randint(1, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    # Centres in the middle, and at the top-left and bottom-right corners, where the square is clipped.
+    draws = torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.999, 0.999]])
+    out = cutout.apply(images, draws)
+    zeroed = out == 0
+    assert torch.equal(zeroed, zeroed[:, :1].expand_as(zeroed))  # the same square in every channel
+    rows, cols = zeroed[:, 0].any(2), zeroed[:, 0].any(1)
+    half = size // 2
+    assert rows.sum(1).tolist() == cols.sum(1).tolist() == [size, size - half, min(size, half + 1)]
+    assert zeroed[:, 0].flatten(1).sum(1).tolist() == [size * size, (size - half) ** 2, min(size, half + 1) ** 2]
+    assert rows[0].nonzero().flatten().tolist() == list(range(16 - half, 16 - half + size))
+    assert torch.equal(out[~zeroed], images[~zeroed])  # every other pixel as it was
 
 
 @pytest.mark.parametrize("section", list(CHECKS))

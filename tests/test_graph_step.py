@@ -1,7 +1,7 @@
-"""The whole training iteration as one function (`--model.graph_step true`, issue 15). A GPU records it once as a
-CUDA graph; on this CPU the same function runs eagerly every iteration, and everything around the capture is
-tested here: it trains exactly as the ordinary path (bit for bit), reads nothing back from the device, resumes
-exactly, tables the scheduler's own learning rates, and keeps the warm-up of ResNet-110 eager until its switch.
+"""The whole training iteration as one function (`GraphStepClassifier`, configs/presets/gpu_graph.yaml). A GPU
+records it once as a CUDA graph; on a CPU the same function runs eagerly every iteration, and everything around the
+capture is tested here: it trains exactly as the ordinary path (bit for bit), reads nothing back from the device,
+resumes exactly, tables the scheduler's own learning rates, and keeps the warm-up of ResNet-110 eager until its switch.
 On a GPU (accelerator auto) the same tests run with the capture, and the tests marked `gpu` compare the captured
 step with the eager one and check that a replay never waits for the device; docs/benchmarks.md has the speed."""
 
@@ -19,7 +19,7 @@ from conftest import CONFIGS, QUIET, HostSyncs, SyncsPerIteration, quiet_trainer
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.cli import ResNetLabCLI
 from resnet_lab.errors import ConfigError
-from resnet_lab.graph_step import GraphStep, lr_table
+from resnet_lab.graph_step import GraphStep, GraphStepClassifier, lr_table
 from resnet_lab.schedules import WarmupCosineLR, WarmupMultiStepLR
 
 STEPS = 8  # two epochs of 4 iterations: an epoch boundary, a validation and checkpoints on the way
@@ -237,7 +237,7 @@ def test_a_schedule_that_also_cycles_the_momentum_is_refused():
 
 
 def test_an_accumulation_schedule_is_refused(tmp_path):
-    model = ImageClassifier(CifarResNet(8), optimizer=partial(torch.optim.SGD, lr=0.1, fused=True), graph_step=True)
+    model = GraphStepClassifier(CifarResNet(8), optimizer=partial(torch.optim.SGD, lr=0.1, fused=True))
     data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), batch_size=4)
     accumulating = GradientAccumulationScheduler({0: 2})
     with pytest.raises(ConfigError, match="set --trainer.accumulate_grad_batches 1, with no GradientAccumulation"):
@@ -249,7 +249,7 @@ def test_a_callback_that_needs_the_gradients_before_the_update_is_refused(tmp_pa
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
             torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 1.0)
 
-    model = ImageClassifier(CifarResNet(8), optimizer=partial(torch.optim.SGD, lr=0.1, fused=True), graph_step=True)
+    model = GraphStepClassifier(CifarResNet(8), optimizer=partial(torch.optim.SGD, lr=0.1, fused=True))
     data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), batch_size=4)
     with pytest.raises(ConfigError, match="ClipsItself uses a gradient hook .* which the captured step does not call"):
         quiet_trainer(tmp_path, max_steps=1, callbacks=[ClipsItself()]).fit(model, data)
@@ -326,4 +326,4 @@ def test_ckpt_path_last_finds_the_run_with_or_without_the_graph_step(cifar_root,
     first = fit(cifar_root, tmp_path, "paper", *graph, "--trainer.max_steps", "3")
     resumed = fit(cifar_root, tmp_path, "paper", "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert resumed.trainer.log_dir == first.trainer.log_dir and resumed.trainer.global_step == 3
-    assert resumed.model.graph is None  # the command's own setting: the ordinary path
+    assert type(resumed.model) is ImageClassifier  # the command's own class: the ordinary path

@@ -273,7 +273,7 @@ def test_sequel_units_forward_backward_and_zero_init(block, residual):
 
 
 def test_a_preactivation_unit_starts_as_the_identity_when_zero_initialised():
-    unit = PreActBottleneck(64, 16, shortcut="B")
+    unit = PreActBottleneck(64, 16)  # 64 channels in and out, stride 1: the identity shortcut
     unit.zero_init_last()
     x = torch.randn(2, 64, 8, 8)
     assert torch.equal(unit(x), x)

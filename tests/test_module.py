@@ -11,6 +11,7 @@ from conftest import quiet_trainer, transformed
 from resnet_lab import CifarResNet, ImageClassifier
 from resnet_lab.callbacks import ValidateAtMaxSteps
 from resnet_lab.data import SyntheticDataModule
+from resnet_lab.errors import ConfigError
 from resnet_lab.schedules import WarmupMultiStepLR
 
 
@@ -152,3 +153,45 @@ def test_a_backbone_built_in_python_is_not_a_hyperparameter(tmp_path):
     restored = ImageClassifier.load_from_checkpoint(checkpoint, backbone=CifarResNet(8))  # weights_only loads it
     for name, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value), name
+
+
+def test_the_loss_is_an_argument(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=sgd, loss=torch.nn.MultiMarginLoss())
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 6, (16,))
+    loss, _ = model.loss_and_means(x, y)
+    assert loss.item() == pytest.approx(torch.nn.MultiMarginLoss()(model(x), y).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-3)
+    with pytest.raises(ConfigError, match="label_smoothing 0.1 is an argument of the default loss"):
+        ImageClassifier(CifarResNet(8), loss=torch.nn.CrossEntropyLoss(), label_smoothing=0.1)
+
+
+class Outputs(L.Callback):
+    """What validation_step hands a callback: the log-probabilities it computed, with the batch's labels."""
+
+    def __init__(self) -> None:
+        self.log_probs, self.labels = [], []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.log_probs.append(outputs["log_probs"])
+        self.labels.append(batch[1])
+
+
+def test_evaluation_metrics_are_an_argument_and_see_the_step_outputs(tmp_path):
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    torch.manual_seed(0)
+    ece = MulticlassCalibrationError(6, n_bins=10)
+    model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=sgd, metrics={"ece": ece}).eval()
+    x, y = torch.randn(50, 3, 32, 32), torch.randint(0, 6, (50,))
+    outputs = Outputs()
+    [result] = quiet_trainer(tmp_path, callbacks=[outputs]).validate(
+        model, DataLoader(TensorDataset(x, y), batch_size=16)
+    )
+    log_probs, labels = torch.cat(outputs.log_probs), torch.cat(outputs.labels)
+    with torch.no_grad():
+        assert torch.allclose(log_probs, model(x).log_softmax(1), atol=1e-6)  # no second pass needed
+    expected = MulticlassCalibrationError(6, n_bins=10)(log_probs.exp(), labels)
+    assert result["val/ece"] == pytest.approx(expected.item(), abs=1e-6)
+    assert {"val/acc_top1", "val/err_top1", "val/acc_top5", "val/err_top5"} <= set(result)  # the paper's kept
+    assert ece.update_count == 0  # the argument is a template: each stage evaluates its own copy

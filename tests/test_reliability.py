@@ -108,12 +108,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     def explode_after_one_epoch(optimizer):  # lr x 1e12 from iteration 3: the weights overflow
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3], gamma=1e12)
 
+    from resnet_lab.graph_step import GraphStepClassifier
+
     torch.manual_seed(0)
-    model = ImageClassifier(
+    model = (GraphStepClassifier if graph_step else ImageClassifier)(
         CifarResNet(8),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.01, fused=True),
         lr_scheduler=explode_after_one_epoch,
-        graph_step=graph_step,
     )
     data = DataLoader(TensorDataset(torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))), batch_size=4)
     losses, checkpoint = Losses(), ModelCheckpoint(dirpath=tmp_path, save_last=True)

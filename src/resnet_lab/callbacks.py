@@ -391,6 +391,8 @@ class ThrottledProgressBar(TQDMProgressBar):
         # The run's whole version (`seed1`, `version_3`) rather than Lightning's last four characters of it.
         items |= super().get_metrics(trainer, pl_module)
         version = items.pop("v_num", None)
+        # Errors are percentages and accuracies fractions (as logged): the bar says which.
+        items = {k: f"{v:.2f}%" if "/err_" in k and isinstance(v, float) else v for k, v in items.items()}
         if version is not None and trainer.logger is not None:
             version = trainer.logger.version
             items["run"] = f"version_{version}" if isinstance(version, int) else str(version)

@@ -2,6 +2,7 @@
 the rule that a checkpoint (or a run folder's saved config) is data: it may name only classes from a short list of
 modules, since LightningCLI and `load_from_checkpoint` build every class a saved tree names (docs/security.md)."""
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -28,10 +29,14 @@ LIGHTNING_ALIASES = ("last", "best", "hpc", "registry")
 # transforms. Not `Lambda` (it calls whatever it is given), not loggers or callbacks (they write files), nothing of
 # `os`, `subprocess`, `builtins` or any other module.
 ALLOWED_MODULES = (
-    "resnet_lab.models", "resnet_lab.data", "resnet_lab.module", "resnet_lab.metrics", "resnet_lab.schedules",
-    "torch.optim", "torch.nn", "torchvision.models", "torchvision.transforms.v2", "torchmetrics",
+    "resnet_lab.models", "resnet_lab.data", "resnet_lab.module", "resnet_lab.graph_step", "resnet_lab.metrics",
+    "resnet_lab.schedules", "torch.optim", "torch.nn", "torchvision.models", "torchvision.transforms.v2",
+    "torchmetrics",
 )  # fmt: skip
 REFUSED_NAMES = ("Lambda",)
+# Packages that re-export allowed classes (jsonargparse writes `resnet_lab.ImageClassifier`): a name through one is
+# allowed where the class it resolves to is defined in ALLOWED_MODULES.
+REEXPORTING = ("resnet_lab",)
 # Lightning's own marker of a CLI-built module (`load_from_checkpoint` checks it against its own allow-list too).
 LIGHTNING_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 # The checkpoint keys whose contents Lightning turns into constructor arguments (the last two: older versions').
@@ -54,7 +59,7 @@ def _allowed(name: str, trusted: Collection[str] = ()) -> bool:
     if name in trusted:
         return True
     module_name, _, attribute = name.rpartition(".")
-    if not _in_allowed(module_name, trusted):
+    if not (_in_allowed(module_name, trusted) or module_name in REEXPORTING):
         return False  # refused before anything is imported
     try:
         module = importlib.import_module(module_name)
@@ -262,10 +267,38 @@ def check_checkpoint_for(config: Namespace, path: str) -> None:
         )
 
 
+def model_arguments(config: Namespace) -> Namespace:
+    """The module's arguments in a parsed config: `model.init_args`, or `model` itself in a config written before
+    the module's class was a choice (`model: {backbone: ...}`)."""
+    model = config.model
+    return model.init_args if isinstance(model, Namespace) and "class_path" in model else model
+
+
+AUTOMATIC = "epoch_loop.automatic_optimization.optim_progress"
+MANUAL = "epoch_loop.manual_optimization.optim_step_progress"
+
+
+def carry_step_count(checkpoint: dict, manual: bool) -> None:
+    """Let a checkpoint of a module trained under automatic optimization resume under manual optimization (the graph
+    step), and the other way round: Lightning counts `global_step` in the loop of the one the module uses, and
+    restores only that one, which for the other's checkpoint would say 0."""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    if AUTOMATIC not in loops or MANUAL not in loops:
+        return
+    automatic = loops[AUTOMATIC]["optimizer"]
+    if manual and automatic["step"]["total"]["completed"] > loops[MANUAL]["total"]["completed"]:
+        loops[MANUAL] = copy.deepcopy(automatic["step"])
+    elif not manual and loops[MANUAL]["total"]["completed"] > automatic["step"]["total"]["completed"]:
+        automatic["step"] = copy.deepcopy(loops[MANUAL])
+        automatic["zero_grad"] = {
+            when: {**counts, "started": counts["ready"]} for when, counts in copy.deepcopy(loops[MANUAL]).items()
+        }
+
+
 def network_of(config: Namespace | None) -> dict[str, str]:
     """The backbone a config names, as comparable text: its class and arguments, classes by their own name (the
     class count is left out: the data module sets it, and a checkpoint of another count fails to load, saying so)."""
-    backbone = config.get("model.backbone") if isinstance(config, Namespace) else None
+    backbone = model_arguments(config).get("backbone") if isinstance(config, Namespace) else None
     if not isinstance(backbone, Namespace) or "class_path" not in backbone:
         return {}
 

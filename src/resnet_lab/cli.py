@@ -29,13 +29,13 @@ from resnet_lab.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_for,
     check_plain,
+    model_arguments,
     names_in,
     read_saved_config,
     resolve_alias,
 )
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError, DataError
-from resnet_lab.graph_step import check_supported
 from resnet_lab.launch import (
     check_config_after_subcommand,
     check_run_name,
@@ -47,6 +47,7 @@ from resnet_lab.launch import (
     experiment_config,
     limits_given_as_one_batch,
     link_num_classes,
+    module_class,
     run_name,
     run_to_resume,
     scale_schedule,
@@ -111,6 +112,7 @@ class ResNetLabCLI(LightningCLI):
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         self.run_record: RunRecord | None = None  # set once the config is parsed
         self.how_to_run: dict[str, object] = {}
+        self.module_class: str | None = None  # the command's own, before a checkpoint's is merged in
         self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
         given = sys.argv[1:] if args is None else args
         if isinstance(given, list):
@@ -125,6 +127,7 @@ class ResNetLabCLI(LightningCLI):
         super().__init__(
             ImageClassifier,
             LightningDataModule,
+            subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
@@ -192,6 +195,8 @@ class ResNetLabCLI(LightningCLI):
             "iteration-wise lr schedule, an iteration val_check_interval) multiplied by it; warm-up rules unchanged. "
             "The run goes to logs/<experiment>-scale1of16/",
         )
+        # A fork's own module is `--model myfork.Module` (a subclass of ImageClassifier), ImageClassifier unless named.
+        parser.set_defaults({"model": {"class_path": f"{ImageClassifier.__module__}.{ImageClassifier.__qualname__}"}})
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -246,7 +251,8 @@ class ResNetLabCLI(LightningCLI):
         if not isinstance(config, Namespace) or not config.get("ckpt_path"):
             return
         # How the model runs is this command's, whichever path wrote the checkpoint: restored after the merge.
-        self.how_to_run = {key: config.get(f"model.{key}") for key in HOW_TO_RUN}
+        self.how_to_run = {key: model_arguments(config).get(key) for key in HOW_TO_RUN}
+        self.module_class = config.model.get("class_path")
         path = resolve_alias(str(config.ckpt_path), config.trainer.get("default_root_dir"))
         if path is not None:
             config.ckpt_path = path
@@ -255,8 +261,10 @@ class ResNetLabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         for key, value in self.how_to_run.items():  # see parse_arguments
-            if value is not None and config.get(f"model.{key}") is not None:
-                config[f"model.{key}"] = value
+            if value is not None and model_arguments(config).get(key) is not None:
+                model_arguments(config)[key] = value
+        if {module_class(self.module_class), module_class(config.model.get("class_path"))} <= SAME_TRAINING:
+            config.model.class_path = self.module_class or config.model.class_path
         link_num_classes(config)
         config.recipe = None  # the saved config holds every value itself: no recipe to read before it
         # One folder per experiment, named by the config (`experiment:`) unless the user named the run.
@@ -279,7 +287,7 @@ class ResNetLabCLI(LightningCLI):
                 "epoch in (0, 1]"
             )
         if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
-            weights = (config.model.backbone.get("init_args") or Namespace()).get("weights")
+            weights = (model_arguments(config).backbone.get("init_args") or Namespace()).get("weights")
             if weights is None:  # a torchvision network with its `weights` is the one net that needs no checkpoint
                 raise ConfigError(
                     f"{self.subcommand} needs trained weights: --ckpt_path <run>/checkpoints/last.ckpt (or `last`, the "
@@ -298,13 +306,18 @@ class ResNetLabCLI(LightningCLI):
                 "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
                 "for a budget in epochs"
             )
+        # TensorBoard's HPARAMS tab: the settings of the model, the data and the trainer (not where it logs).
+        plain = config.as_dict()
+        trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "callbacks")}
+        module = {"class": config.model.get("class_path"), **model_arguments(config).as_dict()}
+        settings = {"model": module, "data": plain["data"], "trainer": trainer}
         if self.subcommand == "fit":
-            self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale)
+            self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale, settings)
             if scale != 1:
                 self.config_as_given = config.clone()  # config.yaml keeps the schedule before its scale
                 scale_schedule(config, scale)
         else:  # a test adds its result to the run; the others only need it present when a checkpoint holds one
-            self.run_record = RunRecord(config.get("experiment"))
+            self.run_record = RunRecord(config.get("experiment"), settings=settings)
             # The checkpoint's folder written as given (relative or absolute, or the run folder since copied): its
             # ModelCheckpoint state is not needed to evaluate.
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
@@ -370,7 +383,9 @@ class ResNetLabCLI(LightningCLI):
         differences = [
             (k, a, b)
             for k, a, b in config_differences(mine, saved)
-            if k != "ckpt_path" and k.removeprefix("model.") not in HOW_TO_RUN  # how it runs: this command's
+            if k != "ckpt_path"
+            and k.removeprefix("model.") not in HOW_TO_RUN  # how it runs: this command's
+            and not (k == "model.class_path" and {a, b} <= SAME_TRAINING)
         ]
         if self.subcommand != "fit":  # an evaluation takes its own batches and limits: only the network must agree
             differences = [(k, a, b) for k, a, b in differences if k.startswith("model.backbone.")]
@@ -436,8 +451,8 @@ class ResNetLabCLI(LightningCLI):
             )
         if isinstance(self.datamodule, ClassificationDataModule):
             self.datamodule.batch_share(trainer.world_size)  # refused here, not after the processes start
-        if self.subcommand == "fit" and getattr(self.model, "graph_step", False):
-            check_supported(trainer, self.model)
+        if self.subcommand == "fit":
+            self.model.check_trainer(trainer)
         if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
             # Otherwise every process stops with torch's traceback when DDP wraps the model.
             raise ConfigError(
@@ -451,8 +466,10 @@ class ResNetLabCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-# The module's arguments that change how it computes, not what it computes.
+# The module's arguments that change how it computes, not what it computes (`graph_step`: of checkpoints written
+# before the graph step was a class of its own); and the module classes that train alike, differing only in how.
 HOW_TO_RUN = ("graph_step", "compile", "compile_mode", "compile_backend", "channels_last")
+SAME_TRAINING = {"resnet_lab.module.ImageClassifier", "resnet_lab.graph_step.GraphStepClassifier"}
 
 
 def main(args: ArgsType = None) -> None:

@@ -1,4 +1,4 @@
-"""The whole training iteration as one CUDA graph: `ImageClassifier(graph_step=True)`, configs/presets/gpu_graph.yaml.
+"""The whole training iteration as one CUDA graph: `GraphStepClassifier`, configs/presets/gpu_graph.yaml.
 
 At the paper's batch of 128 a CIFAR ResNet-20 iteration keeps an H100 busy for under 2 ms, and Lightning's loop,
 the optimizer and the scheduler spend more than that launching its kernels one by one from Python
@@ -23,7 +23,7 @@ Lightning has no graph mode (its issue #10174): hence this module.
 import copy
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
@@ -34,9 +34,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from resnet_lab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from resnet_lab.module import ImageClassifier
+from resnet_lab.module import ImageClassifier
 
 # Eager iterations on a side stream before the capture: they create the momentum buffers and let cuDNN's autotuner
 # and the caching allocator settle, as CUDA graph capture requires.
@@ -140,9 +138,9 @@ def lr_table(optimizer: Optimizer, scheduler: LRScheduler | None, start: int, st
             if now != settings:  # OneCycleLR and CyclicLR cycle the momentum too, which the graph holds fixed
                 changed = sorted({k for a, b in zip(settings, now, strict=True) for k in a if a[k] != b.get(k)})
                 raise ConfigError(
-                    f"--model.graph_step true: {type(scheduler).__name__} also changes {', '.join(changed)} during "
-                    "the run, and the captured step tables only the learning rate: use a schedule of the learning "
-                    "rate alone (or cycle_momentum: false)"
+                    f"the graph step (GraphStepClassifier): {type(scheduler).__name__} also changes "
+                    f"{', '.join(changed)} during the run, and the captured step tables only the learning rate: use "
+                    "a schedule of the learning rate alone (or cycle_momentum: false)"
                 )
     table = torch.full((stop + 1, len(rows[0])), float("nan"), dtype=torch.float64)
     table[start:] = torch.tensor(rows, dtype=torch.float64)
@@ -155,40 +153,20 @@ def lr_ahead_known(scheduler: LRScheduler | None) -> bool:
     return getattr(scheduler, "lr_ahead_known", True)
 
 
-AUTOMATIC = "epoch_loop.automatic_optimization.optim_progress"
-MANUAL = "epoch_loop.manual_optimization.optim_step_progress"
-
-
-def carry_step_count(checkpoint: dict, graph_step: bool) -> None:
-    """Let a checkpoint of either path resume on the other: Lightning counts `global_step` in the loop of automatic
-    optimization (the ordinary path) or of manual optimization (the graph step), and restores only the one this
-    run uses, which for the other path's checkpoint would say 0."""
-    loops = checkpoint.get("loops", {}).get("fit_loop", {})
-    if AUTOMATIC not in loops or MANUAL not in loops:
-        return
-    automatic = loops[AUTOMATIC]["optimizer"]
-    if graph_step and automatic["step"]["total"]["completed"] > loops[MANUAL]["total"]["completed"]:
-        loops[MANUAL] = copy.deepcopy(automatic["step"])
-    elif not graph_step and loops[MANUAL]["total"]["completed"] > automatic["step"]["total"]["completed"]:
-        automatic["step"] = copy.deepcopy(loops[MANUAL])
-        automatic["zero_grad"] = {
-            when: {**counts, "started": counts["ready"]} for when, counts in copy.deepcopy(loops[MANUAL]).items()
-        }
-
-
 def compiles_cuda_graphs(mode: str) -> bool:
     from torch._inductor import list_mode_options  # here: loading inductor costs the command line a second
 
     return bool(list_mode_options(mode).get("triton.cudagraphs"))
 
 
-def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
+def check_supported(trainer: Trainer, module: ImageClassifier) -> None:
     """Refuse, in one line, what a captured step cannot train as the ordinary path does. Called when the trainer is
     made (before any data-parallel process starts) and again when fit starts."""
     refusal = None
     # The optimizer and the schedule as the run will build them, over a stand-in parameter: the trainer is made
     # before the module's own are.
     optimizer = module.build_optimizer([torch.nn.Parameter(torch.zeros(1))])
+    optimizer = optimizer.optimizer if isinstance(optimizer, CountingOptimizer) else optimizer
     schedule = module.lr_scheduler(optimizer) if module.lr_scheduler is not None else None
     backend, mode = module.hparams.get("compile_backend", "inductor"), module.hparams.get("compile_mode")
     own_graphs = backend == "cudagraphs" or (backend == "inductor" and compiles_cuda_graphs(mode))
@@ -244,7 +222,7 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
     elif getattr(module.backbone, "activation_checkpointing", False):
         refusal = (
             "activation checkpointing saves and restores the CUDA random state around each recomputed unit, which "
-            "a capture cannot: train with activation_checkpointing false, or without graph_step"
+            "a capture cannot: train with activation_checkpointing false, or without the graph step"
         )
     elif trainer.max_steps < 0 and (trainer.max_epochs is None or trainer.max_epochs < 0):
         refusal = (
@@ -254,10 +232,10 @@ def check_supported(trainer: Trainer, module: "ImageClassifier") -> None:
     elif hooked:
         refusal = (
             f"{hooked[0]} uses a gradient hook ({', '.join(GRADIENT_HOOKS)}), which the captured step does "
-            "not call between the backward and the update: leave it out, or train without graph_step"
+            "not call between the backward and the update: leave it out, or train without the graph step"
         )
     if refusal is not None:
-        raise ConfigError(f"--model.graph_step true: {refusal}")
+        raise ConfigError(f"the graph step (GraphStepClassifier): {refusal}")
     if schedule is not None:  # a schedule that cycles the momentum (OneCycleLR) shows it in its first steps
         lr_table(optimizer, schedule, 0, 3)
 
@@ -390,3 +368,63 @@ class GraphStep:
         _, lrs = self.scheduler_state()
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
+
+
+class GraphStepClassifier(ImageClassifier):
+    """`ImageClassifier` whose training iteration (forward, loss, backward, the fused SGD update, the next learning
+    rate and the training sums) is one function that a GPU records once as a CUDA graph and replays; on a CPU it
+    runs eagerly. It trains exactly as `ImageClassifier` does, with the same arguments and checkpoints (either
+    resumes the other's run), and refuses in one line what it cannot (`check_supported`: fp16, data parallelism,
+    gradient accumulation or clipping, an optimizer other than fused SGD, a schedule stepped per epoch).
+
+    `--model resnet_lab.graph_step.GraphStepClassifier`, or stack configs/presets/gpu_graph.yaml.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The update is made inside the step: Lightning only counts it (CountingOptimizer).
+        self.automatic_optimization = False
+        self.graph: GraphStep | None = None  # made when training starts, after any checkpoint is restored
+
+    def training_iteration(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.graph(images, labels)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        outputs = super().training_step(batch, batch_idx)
+        self.optimizers().step()  # counts the iteration: the update is already made
+        return outputs
+
+    def check_trainer(self, trainer: Trainer) -> None:
+        check_supported(trainer, self)
+
+    def build_optimizer(self, parameters: list) -> Optimizer:
+        return counting(super().build_optimizer(parameters))
+
+    def configure_optimizers(self):  # noqa: ANN201 - as ImageClassifier's
+        configured = super().configure_optimizers()
+        if isinstance(configured, dict):  # no schedule on a metric under manual optimization (refused): Lightning
+            configured["lr_scheduler"].pop("monitor", None)  # warns of the key
+        return configured
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        optimizer = self.trainer.optimizers[0].optimizer
+        configs = self.trainer.lr_scheduler_configs
+        schedule = configs[0].scheduler if configs else None
+        total = int(self.trainer.estimated_stepping_batches)
+        self.graph = GraphStep(self.loss_and_means, optimizer, schedule, self.global_step, total)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.graph is not None:
+            self.graph.finish()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.graph is not None and "optimizer_states" in checkpoint:
+            # The scheduler and the learning rates as the ordinary path saves them (it steps the scheduler every
+            # iteration; the graph reads its learning rates from a table): either path resumes the other's run.
+            schedulers, lrs = self.graph.scheduler_state()
+            checkpoint["lr_schedulers"] = schedulers
+            for group, lr in zip(checkpoint["optimizer_states"][0]["param_groups"], lrs, strict=True):
+                group["lr"] = lr

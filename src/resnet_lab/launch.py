@@ -14,6 +14,7 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule
 
+from resnet_lab.checkpoints import model_arguments
 from resnet_lab.errors import ConfigError, UserError
 
 
@@ -230,7 +231,7 @@ def link_num_classes(config: Namespace) -> None:
     (torchvision's factories pass `num_classes` on to `ResNet`); a network without one is left as it is.
     """
     data = build_datamodule(config.data.as_dict() if isinstance(config.data, Namespace) else config.data)
-    init_args = config.model.backbone.get("init_args")
+    init_args = model_arguments(config).backbone.get("init_args")
     if getattr(data, "num_classes", None) is not None and init_args is not None and "num_classes" in init_args:
         init_args.num_classes = data.num_classes
 
@@ -322,8 +323,8 @@ def scale_schedule(config: Namespace, scale: float) -> None:
     interval = trainer.get("val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         trainer.val_check_interval = _scaled_count(interval, scale)
-    scheduler = config.model.get("lr_scheduler")
-    if scheduler is not None and config.model.get("scheduler_interval", "epoch") == "step":
+    scheduler = model_arguments(config).get("lr_scheduler")
+    if scheduler is not None and model_arguments(config).get("scheduler_interval", "epoch") == "step":
         for name in _scheduler_arguments(scheduler.class_path):
             value = scheduler.init_args.get(name)
             if isinstance(value, int):
@@ -401,10 +402,61 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: value}
 
 
+DEFAULT_MODULE = "resnet_lab.module.ImageClassifier"
+
+
+def module_class(path: object) -> str:
+    """The module class a config names (`model.class_path`), by the module that defines it (`resnet_lab.module.
+    ImageClassifier` for `resnet_lab.ImageClassifier`); ImageClassifier for a config written before the class was a
+    choice, which has none."""
+    module, _, name = str(path or DEFAULT_MODULE).rpartition(".")
+    try:
+        found = getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return str(path)
+    return f"{found.__module__}.{found.__qualname__}"
+
+
+# BatchNorm2d's own arguments (`bias` in torch >= 2.12 only).
+BATCH_NORM = {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True, "device": None, "dtype": None}
+BATCH_NORM |= {"bias": True}
+
+
+def stock_setting(key: str, value: object) -> bool:
+    """Whether a network setting is at the paper's own value (BN, no attention): left out of a run's network, so
+    that it names (and the ledger groups) its network as runs did before the setting existed."""
+    if key == "attn_layer":
+        return value is None
+    if key == "norm_layer":
+        return (
+            isinstance(value, dict)
+            and value.get("class_path") == "torch.nn.BatchNorm2d"
+            and (value.get("init_args") or {}).items() <= BATCH_NORM.items()
+        )
+    return False
+
+
+def _settings(config: Namespace) -> dict[str, object]:
+    """Every setting by its dotted key, the module's arguments as `model.<argument>` whether the config names the
+    module's class (`model.init_args.<argument>`) or was written before that was a choice; the network's settings
+    at the paper's own value left out (`stock_setting`)."""
+    plain = config.as_dict()
+    model = plain.get("model") or {}
+    backbone = ((model.get("init_args") or {}) if "class_path" in model else model).get("backbone") or {}
+    arguments = backbone.get("init_args") or {} if isinstance(backbone, dict) else {}
+    for key in [k for k, v in arguments.items() if stock_setting(k, v)]:
+        del arguments[key]
+    flat = {
+        f"model.{key.removeprefix('model.init_args.')}" if key.startswith("model.init_args.") else key: value
+        for key, value in _flatten(plain).items()
+    }
+    return flat | {"model.class_path": module_class(flat.get("model.class_path"))}
+
+
 def config_differences(config: Namespace, base: Namespace) -> list[tuple[str, object, object]]:
     """`(key, value in config, value in base)` for every setting that differs, leaving out paths, names and the
     seed (`NOT_OVERRIDES`)."""
-    mine, theirs = _flatten(config), _flatten(base)
+    mine, theirs = _settings(config), _settings(base)
     return [
         (key, mine.get(key), theirs.get(key))
         for key in sorted({*mine, *theirs})

@@ -1,5 +1,7 @@
-"""`ImageClassifier`: the LightningModule that trains any backbone with cross-entropy and reports top-k error."""
+"""`ImageClassifier`: the LightningModule that trains any backbone with a loss (cross-entropy) and reports top-k
+error."""
 
+import copy
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,18 +13,18 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_lab.checkpoints import (
     HYPERPARAMETER_KEYS,
+    carry_step_count,
     check_checkpoint_plain,
     check_plain,
     check_state_dict_matches,
     read_checkpoint,
 )
 from resnet_lab.errors import ConfigError, DataError
-from resnet_lab.graph_step import GraphStep, carry_step_count, check_supported, counting
 from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_metrics
 
 # Throughout, accuracies are fractions (`acc_*`, as torchmetrics gives them) and errors percentages (`err_*`, as the
@@ -31,20 +33,22 @@ from resnet_lab.metrics import TrainingMeans, TrainingMetric, default_training_m
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def _accuracy_metrics(num_classes: int) -> MetricCollection:
+def accuracy_metrics(num_classes: int) -> dict[str, Metric]:
+    """The paper's evaluation metrics: top-1 and (with 5 classes or more) top-5 accuracy."""
     # validate_args=False: the checks call torch.unique on the labels, a host-device sync on every update.
-    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
+    metrics = {"acc_top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)}
     if num_classes >= 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
-    return MetricCollection(metrics)
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
+    return metrics
 
 
 class ImageClassifier(L.LightningModule):
     """Image classification with a backbone, an optimizer and a learning-rate schedule.
 
-    Logs `{val,test}/loss`, `.../acc_top1`, `.../acc_top5` and the matching error in percent (`.../err_top1`,
-    `.../err_top5`: the paper's tables are in error %), per epoch; they average the softmax over every view the
-    data module gives an image (one centre crop, ten crops, or several scales). Training logs each of
+    Logs `{val,test}/loss` (the negative log-likelihood of the true labels), `.../acc_top1`, `.../acc_top5` and the
+    matching error in percent (`.../err_top1`, `.../err_top5`: the paper's tables are in error %), and each of
+    `metrics`, per epoch; they average the softmax over every view the data module gives an image (one centre crop,
+    ten crops, or several scales). Training logs each of
     `train_metrics` (by default `train/loss`, `train/acc_top1` and `train/err_top1`) against the iteration (the
     paper's curves), each the mean over the images of the `log_every_n_steps` optimizer steps since the last point
     (every micro-batch of an accumulated step included), and the same over the epoch as `train/<name>_epoch`.
@@ -68,16 +72,20 @@ class ImageClassifier(L.LightningModule):
         compile_mode: `torch.compile` mode, e.g. "max-autotune" or "reduce-overhead" (CUDA graphs).
         compile_backend: `torch.compile` backend: "inductor" generates kernels; "aot_eager" checks that the
             graph captures without generating any (quick, for debugging).
+        loss: the training loss, a module called with the logits [B, classes] and the labels ([B] class indices, or
+            [B, classes] probabilities when a batch is mixed); None: cross-entropy with `label_smoothing`.
+        metrics: evaluation metrics besides the top-1 and top-5 accuracy, by the name they are logged under
+            (`val/<name>`, `test/<name>`), e.g. `{"ece": MulticlassCalibrationError(10)}`; each is updated with the
+            view-averaged log-probabilities [B, classes] and the labels, and computed once per epoch. A name that
+            starts with `acc_` is an accuracy and is also logged as its error in percent (`err_...`); giving
+            `acc_top1` or `acc_top5` replaces that accuracy.
         train_metrics: the training metrics (`resnet_lab.metrics`); None: the loss and the top-1 accuracy.
-        label_smoothing: weight of the uniform distribution in the training loss's target (0.1 in torchvision's
+        label_smoothing: weight of the uniform distribution in the default loss's target (0.1 in torchvision's
             recipe; 0, the paper, keeps the labels as they are). Validation and test losses are of the true labels.
         norm_and_bias_weight_decay: weight decay of the normalization layers' parameters and of every bias; None
             applies the optimizer's own to all parameters (the paper), 0.0 exempts them (torchvision's recipe).
-        graph_step: make each training iteration (forward, loss, backward, the fused SGD update, the next
-            learning rate and the training sums) with one function that a GPU records once as a CUDA graph and
-            replays (`resnet_lab.graph_step`; configs/presets/gpu_graph.yaml); on a CPU it runs eagerly. It trains
-            exactly as the ordinary path, and refuses in one line what it cannot (fp16, data parallelism,
-            gradient accumulation or clipping, an optimizer other than fused SGD, a schedule stepped per epoch).
+        graph_step: kept so that checkpoints written before the graph step was a module class of its own load;
+            the graph step is `--model resnet_lab.graph_step.GraphStepClassifier` (configs/presets/gpu_graph.yaml).
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         compile_backend: str = "inductor",
+        loss: nn.Module | None = None,
+        metrics: dict[str, Metric] | None = None,
         train_metrics: list[TrainingMetric] | None = None,
         label_smoothing: float = 0.0,
         norm_and_bias_weight_decay: float | None = None,
@@ -99,19 +109,29 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         with warnings.catch_warnings():
             # Checkpoints made through the CLI store the backbone's config, not the module this warns about.
-            warnings.filterwarnings("ignore", message="Attribute 'backbone' is an instance of `nn.Module`")
+            warnings.filterwarnings("ignore", message="Attribute '(backbone|loss)' is an instance of `nn.Module`")
             self.save_hyperparameters()
         if isinstance(self.hparams.get("backbone"), nn.Module):
             # Built in Python rather than from a config: keep plain values only. As a hyperparameter the module would
             # be pickled into every checkpoint beside its own weights and written into hparams.yaml as text by the
             # loggers (minutes for a ResNet-50), and pickled callables stop torch.load(weights_only=True).
-            self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "train_metrics"])
+            self.save_hyperparameters(
+                ignore=["backbone", "optimizer", "lr_scheduler", "loss", "metrics", "train_metrics"]
+            )
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if loss is not None and label_smoothing:
+            raise ConfigError(
+                f"label_smoothing {label_smoothing} is an argument of the default loss, and a loss is given: give it "
+                "to that loss (e.g. --model.loss.init_args.label_smoothing), or leave --model.loss out"
+            )
         self.label_smoothing = label_smoothing
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing) if loss is None else loss
+        # Not registered as modules: each stage evaluates a copy of its own (and a Metric's state is not saved).
+        self.metrics = dict(metrics or {})
         self.norm_and_bias_weight_decay = norm_and_bias_weight_decay
         self.scheduler_interval = scheduler_interval
         self.scheduler_monitor = scheduler_monitor
@@ -127,10 +147,11 @@ class ImageClassifier(L.LightningModule):
         # Summed on the device and read only when the loggers write: no host-device sync and no `self.log` call
         # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
         self.train_means = TrainingMeans(train_metrics or default_training_metrics())
-        self.graph_step = graph_step
-        # The update is made inside the step: Lightning only counts it (resnet_lab.graph_step.CountingOptimizer).
-        self.automatic_optimization = not graph_step
-        self.graph: GraphStep | None = None  # made when training starts, after any checkpoint is restored
+        if graph_step:
+            raise ConfigError(
+                "--model.graph_step true: the graph step is a module class of its own now, "
+                "--model resnet_lab.graph_step.GraphStepClassifier (configs/presets/gpu_graph.yaml)"
+            )
 
     def setup(self, stage: str) -> None:
         # An example input lets the model summary count FLOPs and TensorBoard draw the network graph
@@ -163,12 +184,12 @@ class ImageClassifier(L.LightningModule):
         """The training loss of a batch, and the means of its training metrics, which are added to the running sums
         on the device (the image count is the caller's: `train_means.count`)."""
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self.loss(logits, labels)
         return loss, self.train_means.add(logits, labels, loss)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, labels = batch
-        loss, means = self.graph(images, labels) if self.graph is not None else self.loss_and_means(images, labels)
+        loss, means = self.training_iteration(images, labels)
         self.train_means.count(len(labels))
         # Here rather than after the step, so that a checkpoint written after this iteration holds the window
         # already taken. Only the micro-batch that completes an optimizer step logs: the window then holds every
@@ -178,10 +199,13 @@ class ImageClassifier(L.LightningModule):
             # Not prog_bar=True: Lightning reads every progress-bar value back to the host after every iteration, a
             # sync each on a GPU. The bar reads these itself when it redraws (callbacks.ThrottledProgressBar).
             self.log_dict(window, on_step=True, on_epoch=False)
-        if self.graph is not None:
-            self.optimizers().step()  # counts the iteration: the update is already made
         # Callbacks read the iteration's own values from these outputs (e.g. the warm-up switch, the NaN stop).
         return {**self.train_means.named(means), "loss": loss}
+
+    def training_iteration(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """What `training_step` makes of a batch: `loss_and_means`, whose loss Lightning then backpropagates and
+        steps the optimizer on (`resnet_lab.graph_step.GraphStepClassifier` makes the update itself)."""
+        return self.loss_and_means(images, labels)
 
     def _completes_optimizer_step(self, batch_idx: int) -> bool:
         done, trainer = batch_idx + 1, self.trainer
@@ -193,33 +217,37 @@ class ImageClassifier(L.LightningModule):
         step = self.global_step + 1
         return step % trainer.log_every_n_steps == 0 or step == trainer.max_steps or bool(trainer.fast_dev_run)
 
-    def _eval_step(self, batch: tuple[Tensor | list, Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[Tensor | list, Tensor], stage: str) -> dict[str, Tensor]:
         images, labels = batch
         log_probs = self.view_averaged_log_probs(images)
         name = f"{stage}_metrics"
         if getattr(self, name) is None:
-            setattr(self, name, _accuracy_metrics(log_probs.shape[1]).to(log_probs.device))
+            metrics = accuracy_metrics(log_probs.shape[1]) | copy.deepcopy(self.metrics)
+            setattr(self, name, MetricCollection(metrics).to(log_probs.device))
         getattr(self, name).update(log_probs, labels)
         loss = F.nll_loss(log_probs, labels)
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
+        # For a callback's on_{validation,test}_batch_end: what the network made of the batch, without running it again.
+        return {"loss": loss, "log_probs": log_probs}
 
     def _log_epoch_metrics(self, stage: str) -> None:
         metrics: MetricCollection | None = getattr(self, f"{stage}_metrics")
         if metrics is None:  # no batch at all (an empty split)
             return
         # compute() reduces over all processes, so the logged value is already global and the sync a no-op.
-        accuracies = metrics.compute()
+        values = metrics.compute()
         metrics.reset()
-        self.log(f"{stage}/err_top1", 100.0 * (1.0 - accuracies["top1"]), prog_bar=True, sync_dist=True)
-        logged = {f"{stage}/acc_{k}": v for k, v in accuracies.items()}
-        logged |= {f"{stage}/err_{k}": 100.0 * (1.0 - v) for k, v in accuracies.items() if k != "top1"}
+        self.log(f"{stage}/err_top1", 100.0 * (1.0 - values["acc_top1"]), prog_bar=True, sync_dist=True)
+        logged = {f"{stage}/{k}": v for k, v in values.items()}
+        errors = {k.removeprefix("acc_"): v for k, v in values.items() if k.startswith("acc_") and k != "acc_top1"}
+        logged |= {f"{stage}/err_{k}": 100.0 * (1.0 - v) for k, v in errors.items()}
         self.log_dict(logged, sync_dist=True)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
 
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -231,20 +259,12 @@ class ImageClassifier(L.LightningModule):
             check = getattr(config.scheduler, "check_warmup_ends", None)
             if check is not None:
                 check()
-        if self.graph_step:
-            check_supported(self.trainer, self)
+        self.check_trainer(self.trainer)
 
-    def on_train_start(self) -> None:
-        if self.graph_step:
-            optimizer = self.trainer.optimizers[0].optimizer
-            configs = self.trainer.lr_scheduler_configs
-            schedule = configs[0].scheduler if configs else None
-            total = int(self.trainer.estimated_stepping_batches)
-            self.graph = GraphStep(self.loss_and_means, optimizer, schedule, self.global_step, total)
-
-    def on_train_end(self) -> None:
-        if self.graph is not None:
-            self.graph.finish()
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Refuse, in one line (`ConfigError`), a trainer this module cannot train with as configured. The command
+        line calls it as soon as the trainer is made, before any data-parallel process starts; fit calls it again
+        when it starts. Nothing to refuse here: a subclass that cannot train every way says so."""
 
     def on_train_epoch_end(self) -> None:
         # Every process trains on as many images, so the mean over processes is the global mean.
@@ -261,17 +281,10 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run resumed mid-epoch logs the same window and epoch means as one never stopped.
         checkpoint["train_means"] = self.train_means.state_dict()
-        if self.graph is not None and "optimizer_states" in checkpoint:
-            # The scheduler and the learning rates as the ordinary path saves them (it steps the scheduler every
-            # iteration; the graph reads its learning rates from a table): either path resumes the other's run.
-            schedulers, lrs = self.graph.scheduler_state()
-            checkpoint["lr_schedulers"] = schedulers
-            for group, lr in zip(checkpoint["optimizer_states"][0]["param_groups"], lrs, strict=True):
-                group["lr"] = lr
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_state_dict_matches(self, checkpoint.get("state_dict", {}), "the checkpoint")
-        carry_step_count(checkpoint, self.graph_step)
+        carry_step_count(checkpoint, manual=not self.automatic_optimization)
         if "train_means" in checkpoint:
             self.train_means.load_state_dict(checkpoint["train_means"])
 
@@ -338,8 +351,6 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning accepts several return shapes
         optimizer = self.build_optimizer(self.parameter_groups())
-        if self.graph_step:
-            optimizer = counting(optimizer)
         if self.lr_scheduler is None:
             return optimizer
         schedule = self.lr_scheduler(optimizer)
@@ -350,6 +361,4 @@ class ImageClassifier(L.LightningModule):
             "interval": self.scheduler_interval,
             "monitor": self.scheduler_monitor,
         }
-        if self.graph_step:  # no schedule on a metric under manual optimization (refused): Lightning warns of the key
-            del scheduler["monitor"]
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

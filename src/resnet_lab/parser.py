@@ -25,6 +25,7 @@ _NO_ATTRIBUTE = re.compile(r"module '([^']+)' has no attribute '([^']+)'")
 _NO_CLASS = re.compile(r"Expected a dot import path string: (\S+)")
 _NOT_SUBCLASS = re.compile(r"Import path (\S+) does not correspond to a subclass of (\w+)")
 _NOT_ACCEPTED_IN_FILE = re.compile(r"Subcommand '(\w+)' does not accept option '([^']+)'")
+_REQUIRED = re.compile(r"the following arguments are required: (.+)$", re.MULTILINE)
 _TYPE_NAMES = {
     "int": "a whole number",
     "float": "a number",
@@ -39,7 +40,9 @@ _TYPE_NAMES = {
 def _option(message: str) -> str:
     """The dotted option the message is about: its nested parser keys, joined through the `init_args` of the
     class each outer key holds."""
-    return ".init_args.".join(k for k in _KEY.findall(message) if k != "config")
+    option = ".init_args.".join(k for k in _KEY.findall(message) if k != "config")
+    # The module's class is a choice with a default: its arguments are named as configs write them (model.backbone).
+    return option.replace("model.init_args.", "model.", 1) if option.startswith("model.init_args.") else option
 
 
 def _accepted(expected: list[str]) -> str:
@@ -101,8 +104,9 @@ def one_line(message: str, options: list[str] = ()) -> str:
             near = []
         hint = f"did you mean {module}.{near[0]}?" if near else "give an import path or a short name"
         return f"--{option}: {module}.{name} does not exist ({hint})"
-    if message.startswith("the following arguments are required:"):
-        missing = [m.strip().split(".", 1)[-1] for m in message.split(":", 1)[1].split(",")]
+    if required := _REQUIRED.search(message):  # at the top, or of the module's class (`model.backbone`)
+        prefix = f"{option}." if option else ""
+        missing = [prefix + m.strip().split(".", 1)[-1] for m in required.group(1).split(",")]
         return (
             f"no experiment given (missing {', '.join('--' + m for m in missing)}): name one with --config, e.g. "
             "`python main.py fit --config configs/resnet20_cifar.yaml` (configs/ holds them all)"

@@ -121,12 +121,22 @@ class RunRecord(Callback):
         experiment: the experiment's name (its config's `experiment:`).
         overrides: `key=value` for every setting in which the run differs from its experiment's config.
         schedule_scale: the fraction of the experiment's schedule the run trains (`--schedule_scale`).
+        settings: what TensorBoard's HPARAMS tab shows of the run's settings (the command line gives its whole
+            config: the model's, the data's and the trainer's); None: the model's and the data module's
+            hyperparameters.
     """
 
-    def __init__(self, experiment: str | None = None, overrides: list[str] | None = None, schedule_scale: float = 1.0):
+    def __init__(
+        self,
+        experiment: str | None = None,
+        overrides: list[str] | None = None,
+        schedule_scale: float = 1.0,
+        settings: dict[str, Any] | None = None,
+    ):
         self.experiment = experiment
         self.overrides = overrides
         self.schedule_scale = schedule_scale
+        self.settings = settings
         self.run_id: str | None = None
         self.started: str | None = None
         self.wall_s_before = 0.0  # training wall time of the sessions before a resume
@@ -215,12 +225,14 @@ class RunRecord(Callback):
             if key in HPARAM_METRICS
         }
         data = getattr(trainer.datamodule, "hparams", None)
+        settings = self.settings
+        if settings is None:
+            settings = {**pl_module.hparams, **({"data": dict(data)} if data else {})}
         params = {
             "experiment": self.experiment,
             "schedule_scale": self.schedule_scale,
             "seed": os.environ.get("PL_GLOBAL_SEED"),
-            **pl_module.hparams,
-            **({"data": dict(data)} if data else {}),
+            **settings,
         }
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and metrics:

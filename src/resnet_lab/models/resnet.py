@@ -4,7 +4,6 @@ Both are one trunk, `ResNet`, with a different stem, widths and stage depths. Wi
 have torchvision's state-dict keys and shapes, so `torchvision.models.resnet50().state_dict()` loads strictly.
 """
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -15,13 +14,17 @@ from torch.utils.checkpoint import checkpoint
 
 from resnet_lab.errors import ConfigError
 from resnet_lab.models.blocks import (
+    AttnLayer,
     BasicBlock,
     Block,
     Bottleneck,
     NormLayer,
+    ResidualUnit,
     Shortcut,
     check_shortcut,
-    init_weights,
+    check_unit,
+    init_layer,
+    make_shortcut,
 )
 
 
@@ -57,11 +60,12 @@ def checkpointed(block: nn.Module, x: Tensor) -> Tensor:
 class ResNet(nn.Module):
     """Stem, stages of residual units, global average pooling and a linear classifier.
 
-    Global average pooling before the classifier lets the net run fully convolutionally on any input size. Every
-    unit is built as `block(in_planes, planes, stride, shortcut=, residual=, norm_layer=, **block_kwargs)`; what
-    differs between units (zero-init, Fig. 7's layers, pre-activation) is declared by the unit class, so a new unit
-    is one class (see `resnet_lab.models.blocks`). With a pre-activation unit the net ends in one BN-ReLU before
-    pooling, and a stem without a max pool has no BN-ReLU of its own: the first unit normalises its output.
+    Global average pooling before the classifier lets the net run fully convolutionally on any input size. The
+    trunk builds each unit's shortcut and hands it in, `block(in_planes, planes, stride, downsample=, residual=,
+    norm_layer=, attn_layer=, **block_kwargs)`; what differs between units (depth rule, zero-init, Fig. 7's layers,
+    pre-activation) is declared by the unit class, so a new unit is one class (see `resnet_lab.models.blocks`). With
+    a pre-activation unit the net ends in one BN-ReLU before pooling, and a stem without a max pool has no BN-ReLU of
+    its own: the first unit normalises its output.
 
     Args:
         block: the unit class, e.g. `BasicBlock`, `Bottleneck`, `PreActBasicBlock`, `PreActBottleneck`.
@@ -77,6 +81,8 @@ class ResNet(nn.Module):
         num_classes: outputs of the classifier.
         zero_init_residual: start each residual branch at zero (`zero_init_last()` of each unit; not in the paper).
         norm_layer: builds a normalisation layer from a channel count (default BN).
+        attn_layer: builds a module from a unit's output channels that rescales its residual branch before the
+            addition (e.g. squeeze-and-excitation); None: none.
         block_kwargs: further keyword arguments of every unit, e.g. `{"stride_in_1x1": False}` for `Bottleneck`.
         activation_checkpointing: in training, keep only each unit's input and recompute the rest during
             backward: much less activation memory for about a third more compute (docs/benchmarks.md).
@@ -97,20 +103,21 @@ class ResNet(nn.Module):
         num_classes: int,
         zero_init_residual: bool = False,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        attn_layer: AttnLayer | None = None,
         block_kwargs: dict[str, Any] | None = None,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_shortcut(shortcut)
+        check_unit(block, block_kwargs)
         if num_classes < 1:
             raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.shortcut = shortcut
         self.residual = residual
         self.activation_checkpointing = activation_checkpointing
-        self.norm_layer = norm_layer
         self.block_kwargs = dict(block_kwargs or {})
-        pre_activation = bool(getattr(block, "pre_activation", False))
+        pre_activation = block.pre_activation
 
         self.conv1 = nn.Conv2d(
             3, stem_width, stem_kernel_size, stride=stem_stride, padding=stem_kernel_size // 2, bias=False
@@ -126,31 +133,88 @@ class ResNet(nn.Module):
         self.stage_names: list[str] = []
         for i, (num_blocks, width) in enumerate(zip(layers, widths, strict=True)):
             name = f"layer{i + 1}"
-            self.add_module(name, self._make_layer(block, width, num_blocks, stride=1 if i == 0 else 2))
+            stage = self._make_layer(block, width, num_blocks, 1 if i == 0 else 2, norm_layer, attn_layer)
+            self.add_module(name, stage)
             self.stage_names.append(name)
         # A pre-activation net's last unit leaves its sum un-normalised: one BN-ReLU before pooling.
         self.final_norm = norm_layer(self.in_planes) if pre_activation else nn.Identity()
         self.final_relu = nn.ReLU(inplace=True) if pre_activation else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.in_planes, num_classes)
-        init_weights(self, zero_init_residual)
+        self.init_weights(zero_init_residual)
 
-    def _make_layer(self, block: Block, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
-        blocks = []
+    def _make_layer(
+        self,
+        block: type[ResidualUnit],
+        planes: int,
+        num_blocks: int,
+        stride: int,
+        norm_layer: NormLayer,
+        attn_layer: AttnLayer | None,
+    ) -> nn.Sequential:
+        # A pre-activation unit's BN-ReLU is shared by its branch and a projection: the projection is a bare conv.
+        shortcut_norm = None if block.pre_activation else norm_layer
+        units = []
         for i in range(num_blocks):
-            blocks.append(
-                block(
-                    self.in_planes,
-                    planes,
-                    stride if i == 0 else 1,
-                    shortcut=self.shortcut,
-                    residual=self.residual,
-                    norm_layer=self.norm_layer,
-                    **self.block_kwargs,
-                )
+            unit_stride = stride if i == 0 else 1
+            out_planes = planes * block.expansion
+            downsample = (
+                make_shortcut(self.shortcut, self.in_planes, out_planes, unit_stride, shortcut_norm)
+                if self.residual
+                else None
             )
-            self.in_planes = planes * block.expansion
-        return nn.Sequential(*blocks)
+            unit = block(
+                self.in_planes,
+                planes,
+                unit_stride,
+                downsample=downsample,
+                residual=self.residual,
+                norm_layer=norm_layer,
+                attn_layer=attn_layer,
+                **self.block_kwargs,
+            )
+            if unit.downsample is not downsample:
+                raise ConfigError(
+                    f"{block.__name__} does not keep the shortcut it is handed: end its __init__ with "
+                    "`self.downsample = downsample` (ResidualUnit adds it to the residual branch)"
+                )
+            if attn_layer is not None and unit.attn is None:
+                raise ConfigError(
+                    f"{block.__name__} ignores attn_layer: build it in __init__ as `self.attn = "
+                    "attn_layer(out_channels)` (ResidualUnit applies it to the residual branch)"
+                )
+            units.append(unit)
+            self.in_planes = out_planes
+        return nn.Sequential(*units)
+
+    def init_weights(self, zero_init_residual: bool = False) -> None:
+        """He (fan-out) initialisation for convolutions, norms to identity, in module order (so that a seed gives
+        the weights it always has); then, optionally, each residual unit's `zero_init_last()`.
+
+        Inside a unit only its own layers (`ResidualUnit.init_weights`) and the projections the trunk built for
+        options B and C are re-initialised: a module a fork brings (the `attn` module, layers nested in a unit, a
+        shortcut class) keeps its own class's initialisation, which its design may rely on. Zeroing the residual
+        branch makes every unit start as the identity (Goyal et al. 2017); it is not in the paper and is off by
+        default. Plain units ignore it: zeroing them would cut the signal.
+        """
+        trunk_shortcuts = not isinstance(self.shortcut, type)
+
+        def visit(module: nn.Module) -> None:
+            if isinstance(module, ResidualUnit):
+                module.init_weights()
+                if trunk_shortcuts and module.downsample is not None:
+                    for layer in module.downsample.modules():
+                        init_layer(layer)
+                return
+            init_layer(module)
+            for child in module.children():
+                visit(child)
+
+        visit(self)
+        if zero_init_residual:
+            for unit in self.modules():
+                if isinstance(unit, ResidualUnit) and unit.residual:
+                    unit.zero_init_last()
 
     def response_layers(self) -> list[nn.Module]:
         """The modules whose outputs are the 3x3 layers' responses of Fig. 7, in network order: the stem's (after its
@@ -197,6 +261,10 @@ class CifarResNet(ResNet):
             batch 128 on a small GPU).
         block: the unit class (`BasicBlock`, `Bottleneck`, `PreActBasicBlock`, `PreActBottleneck`, or a fork's own).
         block_kwargs: further keyword arguments of every unit.
+        norm_layer: builds a normalisation layer from a channel count: a class such as `torch.nn.BatchNorm2d` (the
+            default), or one with further arguments, e.g. `resnet_lab.models.GroupNorm` with `num_groups`.
+        attn_layer: builds a module from a unit's output channels that rescales its residual branch before the
+            addition (e.g. squeeze-and-excitation, docs/extending.md); None: none.
     """
 
     def __init__(
@@ -209,17 +277,11 @@ class CifarResNet(ResNet):
         activation_checkpointing: bool = False,
         block: Block = BasicBlock,
         block_kwargs: dict[str, Any] | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        attn_layer: AttnLayer | None = None,
     ) -> None:
-        per_stage = 3 * getattr(block, "weighted_layers", 2)
-        if depth < per_stage + 2 or (depth - 2) % per_stage:
-            below = (depth - 2) // per_stage * per_stage + 2
-            nearest = [d for d in (below, below + per_stage) if d >= per_stage + 2] or [per_stage + 2]
-            examples = {6: " (20, 32, 44, 56, 110, 1202...)", 9: " (164, 1001...)"}.get(per_stage, "")
-            raise ConfigError(
-                f"CIFAR ResNet depth with {block.__name__} must be {per_stage}n+2 with n >= 1{examples}, got {depth}; "
-                f"nearest valid: {' or '.join(map(str, nearest))}"
-            )
-        n = (depth - 2) // per_stage
+        check_unit(block, block_kwargs)
+        n = block.units_per_stage(depth, stages=3, net="CIFAR ResNet")
         super().__init__(
             block,
             layers=[n, n, n],
@@ -232,6 +294,8 @@ class CifarResNet(ResNet):
             residual=residual,
             num_classes=num_classes,
             zero_init_residual=zero_init_residual,
+            norm_layer=norm_layer,
+            attn_layer=attn_layer,
             block_kwargs=block_kwargs,
             activation_checkpointing=activation_checkpointing,
         )
@@ -253,15 +317,22 @@ class ImageNetResNet(ResNet):
 
     Args:
         depth: 18 or 34 (basic blocks), 50, 101 or 152 (bottlenecks).
-        block: the unit class; None: Table 1's (`BasicBlock` for 18/34, `Bottleneck` for 50/101/152). Another
-            one must have as many layers per unit (e.g. `PreActBottleneck` for 50/101/152).
         shortcut: "B" (the paper's choice for 50/101/152; torchvision's layout), "A" or "C" (Table 3).
         residual: False builds the plain net of the same depth (Table 2).
         num_classes: 1000 for ImageNet-1k (the CLI links it to the data module).
         stride_in_1x1: where a bottleneck's stride sits: True on the first 1x1 conv (the paper's released models,
-            3.8e9 multiply-adds for ResNet-50), False on the 3x3 (torchvision's "v1.5", 4.1e9).
+            3.8e9 multiply-adds for ResNet-50), False on the 3x3 (torchvision's "v1.5", 4.1e9). Given to the units
+            that declare `takes_stride_in_1x1` (`Bottleneck`); the others have no such choice (the basic units, and
+            `PreActBottleneck`, which strides its 3x3 as the authors' code does).
         zero_init_residual: start each residual branch's last BN at zero (not in the paper).
         activation_checkpointing: recompute activations in backward instead of keeping them.
+        block: the unit class; None: Table 1's (`BasicBlock` for 18/34, `Bottleneck` for 50/101/152). Another
+            one must have as many layers per unit (e.g. `PreActBottleneck` for 50/101/152).
+        block_kwargs: further keyword arguments of every unit (`stride_in_1x1` is the network's own argument).
+        norm_layer: builds a normalisation layer from a channel count: a class such as `torch.nn.BatchNorm2d` (the
+            default), or one with further arguments, e.g. `resnet_lab.models.GroupNorm` with `num_groups`.
+        attn_layer: builds a module from a unit's output channels that rescales its residual branch before the
+            addition (e.g. squeeze-and-excitation, docs/extending.md); None: none.
     """
 
     def __init__(
@@ -274,6 +345,9 @@ class ImageNetResNet(ResNet):
         zero_init_residual: bool = False,
         activation_checkpointing: bool = False,
         block: Block | None = None,
+        block_kwargs: dict[str, Any] | None = None,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        attn_layer: AttnLayer | None = None,
     ) -> None:
         if depth not in IMAGENET_LAYOUTS:
             raise ConfigError(
@@ -281,13 +355,17 @@ class ImageNetResNet(ResNet):
             )
         default_block, layers = IMAGENET_LAYOUTS[depth]
         block = block or default_block
-        if getattr(block, "weighted_layers", None) != default_block.weighted_layers:
+        block_kwargs = dict(block_kwargs or {})
+        if "stride_in_1x1" in block_kwargs:
+            raise ConfigError("block_kwargs key 'stride_in_1x1' is ImageNetResNet's own argument: set stride_in_1x1")
+        check_unit(block, block_kwargs)
+        if block.depth_of(layers) != depth:
             raise ConfigError(
                 f"ImageNet ResNet-{depth} is built of {default_block.weighted_layers}-layer units (Table 1); "
-                f"{block.__name__} has {getattr(block, 'weighted_layers', '?')}"
+                f"{block.__name__} has {block.weighted_layers}"
             )
-        # The stride placement is a bottleneck option; units without it take none.
-        accepts_stride_option = "stride_in_1x1" in inspect.signature(block).parameters
+        if block.takes_stride_in_1x1:
+            block_kwargs["stride_in_1x1"] = stride_in_1x1
         super().__init__(
             block,
             layers=layers,
@@ -300,7 +378,9 @@ class ImageNetResNet(ResNet):
             residual=residual,
             num_classes=num_classes,
             zero_init_residual=zero_init_residual,
-            block_kwargs={"stride_in_1x1": stride_in_1x1} if accepts_stride_option else None,
+            norm_layer=norm_layer,
+            attn_layer=attn_layer,
+            block_kwargs=block_kwargs or None,
             activation_checkpointing=activation_checkpointing,
         )
         self.depth = depth

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from resnet_lab.checkpoints import check_plain, read_saved_config
 from resnet_lab.errors import DataError, DatasetNotFoundError
 from resnet_lab.files import atomic_write_text, csv_cell
-from resnet_lab.launch import config_key
+from resnet_lab.launch import config_key, stock_setting
 
 # A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
 tb_logging.get_logger().setLevel("ERROR")
@@ -67,8 +67,11 @@ class Run:
 
     @property
     def backbone(self) -> dict:
-        backbone = self.config["model"]["backbone"]
-        return {"class": backbone["class_path"].rsplit(".", 1)[-1], **backbone.get("init_args", {})}
+        """The network's class and settings, but those at the paper's own value (`stock_setting`)."""
+        model = self.config["model"]
+        backbone = (model["init_args"] if "class_path" in model else model)["backbone"]
+        settings = {k: v for k, v in backbone.get("init_args", {}).items() if not stock_setting(k, v)}
+        return {"class": backbone["class_path"].rsplit(".", 1)[-1], **settings}
 
     @cached_property
     def _events(self) -> EventAccumulator:

@@ -44,6 +44,8 @@ def paper_errors(backbone: dict, dataset: str) -> tuple[float, float | None] | N
     data, classes = PAPER_DATA.get(backbone["class"], (None, None))
     if data != dataset or backbone.get("num_classes", classes) != classes:
         return None
+    if backbone.get("norm_layer") or backbone.get("attn_layer"):  # not BN, or with attention: not the paper's net
+        return None
     residual = backbone.get("residual", True)
     shortcut = backbone.get("shortcut", "A" if backbone["class"] == "CifarResNet" else "B")
     # Plain nets have no shortcuts: the option is irrelevant to them.
@@ -62,6 +64,9 @@ def network_name(backbone: dict) -> str:
     block = str(backbone.get("block") or "").rsplit(".", 1)[-1]
     if block and block not in PAPER_UNITS:
         details.append(block)
+    for layer in ("norm_layer", "attn_layer"):  # present only when not the paper's (BN, no attention)
+        if isinstance(backbone.get(layer), dict):
+            details.append(str(backbone[layer].get("class_path", "?")).rsplit(".", 1)[-1])
     return f"{'ResNet' if residual else 'plain'}-{backbone['depth']}" + (f" ({', '.join(details)})" if details else "")
 
 
