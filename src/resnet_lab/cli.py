@@ -74,6 +74,11 @@ warnings.filterwarnings(
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
 
 
+# main.py hands LightningCLI the command line with each config's recipes read before it, which Lightning warns of
+# when sys.argv holds arguments too.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
 class _NoAdvertisements(logging.Filter):
     """Lightning 2.6 suggests its cloud products on every command ("Tip: ... litlogger")."""
 
@@ -114,16 +119,12 @@ class ResNetLabCLI(LightningCLI):
         self.how_to_run: dict[str, object] = {}
         self.module_class: str | None = None  # the command's own, before a checkpoint's is merged in
         self.config_as_given: Namespace | None = None  # what config.yaml keeps of a scaled fit
-        given = sys.argv[1:] if args is None else args
-        if isinstance(given, list):
-            check_config_after_subcommand(given)
-        self.named_config = experiment_config(given) if isinstance(given, list) else None
-        if args is None:  # the command line: read in place, as LightningCLI expects it there
-            sys.argv[1:] = expand_recipes(sys.argv[1:])
-        elif isinstance(args, list):
-            args = expand_recipes(args)
-        expanded = sys.argv[1:] if args is None else args
-        self.one_batch_limits = limits_given_as_one_batch(expanded) if isinstance(expanded, list) else set()
+        args = sys.argv[1:] if args is None else args  # the command line, given on as arguments (sys.argv is left)
+        if isinstance(args, list):
+            check_config_after_subcommand(args)
+        self.named_config = experiment_config(args) if isinstance(args, list) else None
+        args = expand_recipes(args) if isinstance(args, list) else args
+        self.one_batch_limits = limits_given_as_one_batch(args) if isinstance(args, list) else set()
         super().__init__(
             ImageClassifier,
             LightningDataModule,
@@ -136,6 +137,12 @@ class ResNetLabCLI(LightningCLI):
             },
             args=args,
             parser_class=ResNetLabParser,
+            # Each subcommand's help says what it does here, and what our `--ckpt_path last` means (Lightning's help
+            # of the option describes its own `last`).
+            parser_kwargs={
+                name: {"description": f"{text}. --ckpt_path: {CKPT_PATH_HELP['fit' if name == 'fit' else 'evaluate']}"}
+                for name, text in SUBCOMMAND_HELP.items()
+            },
             **kwargs,
         )
 
@@ -143,29 +150,16 @@ class ResNetLabCLI(LightningCLI):
         # An abbreviation is an easy typo to miss (`--trainer.max_step` would set max_steps); jsonargparse 5 drops
         # them as well.
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("description", "Train and evaluate the paper's residual and plain networks")
+        kwargs.setdefault(
+            "description",
+            "Train and evaluate the paper's residual and plain networks: `fit` makes a run folder under "
+            "logs/<experiment>/; `validate`, `test` and `predict` evaluate a run's checkpoint and log into that run, "
+            "where `table` finds it. `main.py <subcommand> --help` lists each one's options.",
+        )
         return super().init_parser(**kwargs)
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        super()._add_subcommands(parser, **kwargs)
-        for choice in parser._subcommands_action._choices_actions:  # Lightning's are the first line of a docstring
-            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
-        kwargs["description"] = SUBCOMMAND_HELP.get(subcommand, kwargs.get("description"))
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        ckpt_path = parser._option_string_actions.get("--ckpt_path")
-        if ckpt_path is not None:  # Lightning's help describes its own `last`, which ours replaces
-            ckpt_path.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "evaluate"]
-        data = parser._option_string_actions.get("--data")
-        if data is not None:
-            data.help = (
-                "the dataset and its protocol: a data module by short name or import path, with its arguments as "
-                "--data.<argument> (`--data.help CIFAR10DataModule` lists them)"
-            )
-        return parser
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.parser.subcommand_parsers.append(parser)  # for its one-line errors' "did you mean"
         parser.add_argument(
             "--recipe",
             type=str | list[str] | None,

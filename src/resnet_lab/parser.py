@@ -140,6 +140,7 @@ def one_line(message: str, options: list[str] = ()) -> str:
     return _KEY.sub(lambda key: f"--{key.group(1)}", "; ".join(lines)).replace(":;", ":")[:400]
 
 
+_OPTION = re.compile(r"(?<![\w-])--[A-Za-z][\w.]*")
 _KNOWN = re.compile(r", known subclasses: ([^)]*)\)$")
 PROJECT = "resnet_lab."
 
@@ -181,6 +182,7 @@ class ResNetLabParser(LightningArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", ProjectFirstHelp)
         super().__init__(*args, **kwargs)
+        self.subcommand_parsers: list[LightningArgumentParser] = []  # the CLI adds them
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # an inner parser, or a caller that handles the error itself
@@ -192,8 +194,6 @@ class ResNetLabParser(LightningArgumentParser):
         sys.exit(f"error: {line}")
 
     def _option_strings(self) -> list[str]:
-        options = [o for a in self._actions for o in a.option_strings]
-        action = getattr(self, "_subcommands_action", None)
-        for parser in action.choices.values() if action is not None else ():
-            options += [o for a in parser._actions for o in a.option_strings]
-        return options
+        """Every option of this parser and its subcommands', as their help lists them."""
+        helps = [parser.format_help() for parser in (self, *self.subcommand_parsers)]
+        return sorted({option for text in helps for option in _OPTION.findall(text)})
