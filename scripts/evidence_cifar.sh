@@ -18,7 +18,7 @@ RECORD=${RECORD:-1}  # 0: leave results/ as it is (record the runs later)
 for seed in $SEEDS; do
   for experiment in $EXPERIMENTS; do
     python -m resnet_lab.paper seeds "configs/$experiment.yaml" --seeds "$seed" --schedule_scale "$SCALE" "$@"
-    run="logs/$(python -c "from resnet_lab.launch import run_name; print(run_name('$experiment', $SCALE))")/seed$seed"
+    run="logs/$(python -c "from resnet_lab.identity import run_name; print(run_name('$experiment', $SCALE))")/seed$seed"
     python main.py test --config "$run/config.yaml" --ckpt_path "$run/checkpoints/last.ckpt" \
       --data.test_range "$TEST_RANGE" --trainer.enable_progress_bar false
     if [ "$RECORD" = 1 ]; then python -m resnet_lab.paper record "$run"; fi

@@ -11,14 +11,8 @@ from conftest import CONFIGS
 from resnet_lab.checkpoints import check_lightning_checkpoint
 from resnet_lab.cli import main
 from resnet_lab.errors import ConfigError, DataError, UserError
-from resnet_lab.launch import (
-    check_writable,
-    expand_recipes,
-    limits_given_as_one_batch,
-    link_num_classes,
-    run_to_resume,
-    user_error,
-)
+from resnet_lab.identity import run_to_resume
+from resnet_lab.launch import check_writable, expand_recipes, limits_given_as_one_batch, link_num_classes, user_error
 
 
 def lightning_file(path: Path, mtime: float) -> Path:

@@ -36,26 +36,28 @@ from resnet_lab.checkpoints import (
 )
 from resnet_lab.data.base import ClassificationDataModule
 from resnet_lab.errors import ConfigError, DataError
-from resnet_lab.launch import (
-    check_config_after_subcommand,
+from resnet_lab.identity import (
     check_run_name,
-    check_writable,
     config_differences,
     config_overrides,
+    module_class,
+    run_name,
+    run_to_resume,
+)
+from resnet_lab.launch import (
+    check_config_after_subcommand,
+    check_writable,
     error_message,
     expand_recipes,
     experiment_config,
     limits_given_as_one_batch,
     link_num_classes,
-    module_class,
-    run_name,
-    run_to_resume,
-    scale_schedule,
     user_error,
 )
 from resnet_lab.module import ImageClassifier
 from resnet_lab.parser import ResNetLabParser
 from resnet_lab.records import RunRecord
+from resnet_lab.scaled import scale_schedule
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")

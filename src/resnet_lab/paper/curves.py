@@ -9,7 +9,7 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure
 
 from resnet_lab.errors import DataError, DatasetNotFoundError
-from resnet_lab.launch import run_name
+from resnet_lab.identity import run_name
 from resnet_lab.paper.runs import Run, find_runs, save_figure, write_csv
 
 TRAIN, VAL = "train/err_top1", "val/err_top1"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.files import atomic_write_text, csv_cell, markdown_cell
-from resnet_lab.launch import is_override, run_name, scale_label
+from resnet_lab.identity import is_override, run_name, scale_label
 from resnet_lab.paper.runs import Run
 from resnet_lab.paper.tables import count_parameters, mean_std, network_name, paper_errors
 from resnet_lab.records import RUN_ID, read_run_file

@@ -18,7 +18,8 @@ from torch.utils.tensorboard import SummaryWriter
 from resnet_lab.checkpoints import check_plain, read_saved_config
 from resnet_lab.errors import DataError, DatasetNotFoundError
 from resnet_lab.files import atomic_write_text, csv_cell
-from resnet_lab.launch import config_key, stock_setting
+from resnet_lab.identity import stock_setting
+from resnet_lab.launch import config_key
 
 # A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
 tb_logging.get_logger().setLevel("ERROR")

@@ -10,7 +10,8 @@ from pathlib import Path
 from resnet_lab.cli import LOG_DIR
 from resnet_lab.cli import main as cli_main
 from resnet_lab.errors import ConfigError
-from resnet_lab.launch import config_key, run_name
+from resnet_lab.identity import run_name
+from resnet_lab.launch import config_key
 
 
 def _option(extra: list[str], name: str, default: str) -> str:

@@ -1,0 +1,191 @@
+"""What names a run and tells runs apart, below both the command line and the paper tools: the run folder's name
+(`run_name`, a scaled run's saying its scale), which run `--ckpt_path last` means (`run_to_resume`), and how a run's
+settings differ from its experiment's (`config_overrides`, which the ledger keeps)."""
+
+import json
+import os
+import re
+from collections.abc import Callable
+from fractions import Fraction
+from importlib import import_module
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+from resnet_lab.errors import ConfigError
+
+
+def run_to_resume(experiment: Path, version: str | None, differences: Callable[[Path], list[str]]) -> tuple[Path, str]:
+    """What `--ckpt_path last` resumes, and why: `(<run>/checkpoints/last.ckpt, reason)`.
+
+    Lightning's own `last` looks only in the checkpoint folder of the run being started, which for a new
+    `version_N` is empty: a resumed job would start from scratch. Ours finds the run the command names: the one
+    `version` names (`--trainer.logger.init_args.version`, as `paper seeds` gives each seed), else the newest
+    `last.ckpt` among the experiment's runs (`version_N`, `seed<k>`, ...) whose saved config has this command's
+    settings (`differences(run)` lists how a run's differ), so that a quick debug run of the same experiment, or
+    another seed, is never continued in its place.
+    """
+    if version is not None:
+        last = experiment / str(version) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"--ckpt_path last: the run --trainer.logger.init_args.version {version} names has no {last} to "
+                "resume from; start it without --ckpt_path, or give a checkpoint's path"
+            )
+        return last, f"the run --trainer.logger.init_args.version {version} names"
+    candidates = sorted(experiment.glob("*/checkpoints/last.ckpt"))
+    if not candidates:
+        scaled = sorted(p.name for p in experiment.parent.glob(f"{experiment.name}-scale*") if p.is_dir())
+        hint = f" (runs of it at another --schedule_scale are in {', '.join(scaled)}: give their scale)" * bool(scaled)
+        raise ConfigError(
+            f"--ckpt_path last: no {experiment}/*/checkpoints/last.ckpt to resume from{hint}; start the run "
+            "without --ckpt_path, or give a checkpoint's path"
+        )
+    differing = {last: differences(last.parents[1]) for last in candidates}
+    same = [last for last, differs in differing.items() if not differs]
+    if not same:
+        runs = "; ".join(f"{last.parents[1].name} has {', '.join(d[:2])}" for last, d in differing.items())
+        raise ConfigError(
+            f"--ckpt_path last: no run of {experiment} has this command's settings ({runs}): name the run to "
+            "resume with --trainer.logger.init_args.version <its folder>, or give a checkpoint's path"
+        )
+    last = max(same, key=os.path.getmtime)
+    count = "the only run" if len(same) == 1 else f"the newest (by its last.ckpt) of {len(same)} runs"
+    return last, f"{count} of {experiment.name} with this command's settings"
+
+
+def scale_label(scale: float) -> str:
+    """`1/16` for 0.0625; `1` for the full schedule."""
+    fraction = Fraction(scale).limit_denominator(10000)
+    return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_run_name(option: str, value: object) -> str:
+    """A name that becomes a folder under logs/ (the experiment, the logger's name or version), refused in one line
+    unless it is one plain folder name: no `/`, no `..`, no leading dot."""
+    text = str(value)
+    if not RUN_NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{option} {text!r}: a run folder's name must match {RUN_NAME.pattern} (no '/' and no '..')")
+    return text
+
+
+def run_name(experiment: str, scale: float) -> str:
+    """The experiment's folder under logs/: a scaled run's name says its scale (`resnet20_cifar-scale1of16`), so
+    that it is never taken for (or resumed as) a full-schedule run."""
+    check_run_name("--experiment", experiment)
+    return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
+
+
+# Settings that change where a run is written or read, what it shows, or when it stops and saves, but not what it
+# trains (both CIFAR loaders give the same batches, whatever the workers); and the seed and the scale, which the
+# ledger keeps apart.
+NOT_OVERRIDES = (
+    "config",
+    "recipe",
+    "experiment",
+    "ckpt_path",
+    "seed_everything",
+    "schedule_scale",
+    "paper_recipe",
+    "test_after_fit",
+    "data.init_args.root",
+    "data.init_args.loader",
+    "data.init_args.num_workers",
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "trainer.max_time",
+    "checkpoint",
+    "last_checkpoint",
+    "periodic_checkpoint",
+    "lr_monitor",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "model.backbone.init_args.num_classes",
+)
+
+
+def is_override(key: str) -> bool:
+    """Whether a setting, by its dotted key, changes what a run trains (see `NOT_OVERRIDES`)."""
+    return not any(key == skip or key.startswith(f"{skip}.") for skip in NOT_OVERRIDES)
+
+
+def _flatten(value: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict) and value:
+        flat = {}
+        for key, item in value.items():
+            flat |= _flatten(item, f"{prefix}{key}.")
+        return flat
+    return {prefix[:-1]: value}
+
+
+DEFAULT_MODULE = "resnet_lab.module.ImageClassifier"
+
+
+def module_class(path: object) -> str:
+    """The module class a config names (`model.class_path`), by the module that defines it (`resnet_lab.module.
+    ImageClassifier` for `resnet_lab.ImageClassifier`); ImageClassifier for a config written before the class was a
+    choice, which has none."""
+    module, _, name = str(path or DEFAULT_MODULE).rpartition(".")
+    try:
+        found = getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return str(path)
+    return f"{found.__module__}.{found.__qualname__}"
+
+
+# BatchNorm2d's own arguments (`bias` in torch >= 2.12 only).
+BATCH_NORM = {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True, "device": None, "dtype": None}
+BATCH_NORM |= {"bias": True}
+
+
+def stock_setting(key: str, value: object) -> bool:
+    """Whether a network setting is at the paper's own value (BN, no attention): left out of a run's network, so
+    that it names (and the ledger groups) its network as runs did before the setting existed."""
+    if key == "attn_layer":
+        return value is None
+    if key == "norm_layer":
+        return (
+            isinstance(value, dict)
+            and value.get("class_path") == "torch.nn.BatchNorm2d"
+            and (value.get("init_args") or {}).items() <= BATCH_NORM.items()
+        )
+    return False
+
+
+def _settings(config: Namespace) -> dict[str, object]:
+    """Every setting by its dotted key, the module's arguments as `model.<argument>` whether the config names the
+    module's class (`model.init_args.<argument>`) or was written before that was a choice; the network's settings
+    at the paper's own value left out (`stock_setting`)."""
+    plain = config.as_dict()
+    model = plain.get("model") or {}
+    backbone = ((model.get("init_args") or {}) if "class_path" in model else model).get("backbone") or {}
+    arguments = backbone.get("init_args") or {} if isinstance(backbone, dict) else {}
+    for key in [k for k, v in arguments.items() if stock_setting(k, v)]:
+        del arguments[key]
+    flat = {
+        f"model.{key.removeprefix('model.init_args.')}" if key.startswith("model.init_args.") else key: value
+        for key, value in _flatten(plain).items()
+    }
+    return flat | {"model.class_path": module_class(flat.get("model.class_path"))}
+
+
+def config_differences(config: Namespace, base: Namespace) -> list[tuple[str, object, object]]:
+    """`(key, value in config, value in base)` for every setting that differs, leaving out paths, names and the
+    seed (`NOT_OVERRIDES`)."""
+    mine, theirs = _settings(config), _settings(base)
+    return [
+        (key, mine.get(key), theirs.get(key))
+        for key in sorted({*mine, *theirs})
+        if is_override(key) and mine.get(key) != theirs.get(key)
+    ]
+
+
+def config_overrides(config: Namespace, base: Namespace) -> list[str]:
+    """`key=value` (the value as JSON) for every setting of `config` that differs from `base`, its experiment's
+    config as read alone (see `config_differences`)."""
+    return [f"{key}={json.dumps(value, default=str)}" for key, value, _ in config_differences(config, base)]
