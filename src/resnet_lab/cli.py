@@ -259,8 +259,9 @@ class ResNetLabCLI(LightningCLI):
         for key, value in self.how_to_run.items():  # see parse_arguments
             if value is not None and model_arguments(config).get(key) is not None:
                 model_arguments(config)[key] = value
-        if {module_class(self.module_class), module_class(config.model.get("class_path"))} <= SAME_TRAINING:
-            config.model.class_path = self.module_class or config.model.class_path
+        ours, theirs = self.module_class, config.model.get("class_path")  # theirs: a checkpoint's, once merged
+        if ours is not None and {module_class(ours), module_class(theirs)} <= SAME_TRAINING:
+            config.model.class_path = ours
         link_num_classes(config)
         config.recipe = None  # the saved config holds every value itself: no recipe to read before it
         # One folder per experiment, named by the config (`experiment:`) unless the user named the run.

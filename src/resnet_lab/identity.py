@@ -139,8 +139,8 @@ def module_class(path: object) -> str:
 
 
 # BatchNorm2d's own arguments (`bias` in torch >= 2.12 only).
-BATCH_NORM = {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True, "device": None, "dtype": None}
-BATCH_NORM |= {"bias": True}
+BATCH_NORM = {"eps": 1e-05, "momentum": 0.1, "affine": True, "track_running_stats": True, "bias": True}
+BATCH_NORM |= {"device": None, "dtype": None}
 
 
 def stock_setting(key: str, value: object) -> bool:
@@ -164,7 +164,7 @@ def _settings(config: Namespace) -> dict[str, object]:
     plain = config.as_dict()
     model = plain.get("model") or {}
     backbone = ((model.get("init_args") or {}) if "class_path" in model else model).get("backbone") or {}
-    arguments = backbone.get("init_args") or {} if isinstance(backbone, dict) else {}
+    arguments = (backbone.get("init_args") or {}) if isinstance(backbone, dict) else {}
     for key in [k for k, v in arguments.items() if stock_setting(k, v)]:
         del arguments[key]
     flat = {

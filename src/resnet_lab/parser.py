@@ -4,11 +4,13 @@ becomes one line that names the option, the value and what it accepts (`--help` 
 import difflib
 import inspect
 import re
+import shutil
 import sys
+import textwrap
+from functools import partial
 from importlib import import_module
 from typing import NoReturn
 
-from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
 HELP_HINT = "`python main.py fit --help` lists every option"
@@ -141,7 +143,7 @@ def one_line(message: str, options: list[str] = ()) -> str:
 
 
 _OPTION = re.compile(r"(?<![\w-])--[A-Za-z][\w.]*")
-_KNOWN = re.compile(r", known subclasses: ([^)]*)\)$")
+_KNOWN = re.compile(r",\s+known\s+subclasses:\s+([^)]*)\)")  # over the wrapped help
 PROJECT = "resnet_lab."
 
 
@@ -153,34 +155,27 @@ def _defined_in(class_path: str, package: str) -> bool:
         return False
 
 
-class ProjectFirstHelp(DefaultHelpFormatter):
-    """Help that lists this project's classes for an option that takes a class, by the short names the parser
-    accepts, rather than every subclass of `nn.Module` that torch and torchmetrics define."""
-
-    def _get_help_string(self, action) -> str:  # noqa: ANN001 - argparse's Action
-        text = super()._get_help_string(action)
-        known = _KNOWN.search(text)
-        if known is None:
-            return text
-        paths = [p.strip() for p in known.group(1).split(",")]
-        # Where any nn.Module will do (the backbone, a residual unit), the project's candidates are its networks and
-        # units, not the data transforms or the LightningModule that are modules too.
-        home = f"{PROJECT}models" if "torch.nn.Module" in paths else PROJECT.rstrip(".")
-        ours = [p.rpartition(".")[2] for p in paths if p.startswith(PROJECT) and _defined_in(p, home)]
-        others = [p for p in paths if not p.startswith(PROJECT)]
-        torchvision = [p for p in others if p.startswith("torchvision.models.") and p.count(".") == 2]
-        others = (["torchvision.models.ResNet"] if "torchvision.models.ResNet" in others else torchvision) or others
-        listed = f"this project's {', '.join(ours)}" if ours else "none of this project's"
-        more = f"; or any other by import path, e.g. {others[0]}" if others else ""
-        return text[: known.start()] + f", by short name: {listed}{more})"
+def project_first(known: re.Match) -> str:
+    """A help text's list of known subclasses as this project's classes by the short names the parser accepts,
+    rather than every subclass of `nn.Module` that torch and torchmetrics define."""
+    paths = [p for p in re.split(r",\s*", " ".join(known.group(1).split())) if p]
+    # Where any nn.Module will do (the backbone, a residual unit), the project's candidates are its networks and
+    # units, not the data transforms or the LightningModule that are modules too.
+    home = f"{PROJECT}models" if "torch.nn.Module" in paths else PROJECT.rstrip(".")
+    ours = [p.rpartition(".")[2] for p in paths if p.startswith(PROJECT) and _defined_in(p, home)]
+    others = [p for p in paths if not p.startswith(PROJECT)]
+    torchvision = [p for p in others if p.startswith("torchvision.models.") and p.count(".") == 2]
+    others = (["torchvision.models.ResNet"] if "torchvision.models.ResNet" in others else torchvision) or others
+    listed = f"this project's {', '.join(ours)}" if ours else "none of this project's"
+    more = f"; or any other by import path, e.g. {others[0]}" if others else ""
+    return f", by short name: {listed}{more})"
 
 
 class ResNetLabParser(LightningArgumentParser):
     """LightningArgumentParser whose parse errors are one line (see `one_line`), without the usage before them,
-    and whose help shows the project's classes (`ProjectFirstHelp`)."""
+    and whose help shows the project's classes (`project_first`)."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", ProjectFirstHelp)
         super().__init__(*args, **kwargs)
         self.subcommand_parsers: list[LightningArgumentParser] = []  # the CLI adds them
 
@@ -192,6 +187,13 @@ class ResNetLabParser(LightningArgumentParser):
         except Exception:  # noqa: BLE001 - a message of a shape not foreseen: its own lines, joined
             line = "; ".join(part.strip() for part in message.splitlines() if part.strip())[:400]
         sys.exit(f"error: {line}")
+
+    def format_help(self) -> str:
+        text = _KNOWN.sub(project_first, super().format_help())
+        # The shortened lists, wrapped as argparse wraps (its terminal width; help text from column 24).
+        width = shutil.get_terminal_size().columns - 2
+        wrap = partial(textwrap.wrap, width=width, subsequent_indent=" " * 24)
+        return "\n".join("\n".join(wrap(line)) if len(line) > width else line for line in text.splitlines()) + "\n"
 
     def _option_strings(self) -> list[str]:
         """Every option of this parser and its subcommands', as their help lists them."""
