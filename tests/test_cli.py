@@ -177,11 +177,16 @@ def test_an_iteration_validation_interval_counts_across_epochs(cifar_root, tmp_p
     assert [e.step for e in events.Scalars("val/err_top1")] == [4, 9, 10]  # after iterations 5, 10 and the last
 
 
-def test_a_batch_limit_of_1_is_one_batch(cifar_root):
-    # Lightning types the limits `float | int`, so the parser alone would read 1 as 1.0: all of the batches.
+def test_a_batch_limit_of_1_is_one_batch(cifar_root, tmp_path):
+    # Lightning types the limits `float | int`, so its parser alone would read 1 as 1.0: all of the batches.
     for given, expected in (("1", 1), ("1.0", 1.0), ("2", 2)):
         cli = ResNetLabCLI(args=cifar_args(cifar_root, "--trainer.limit_val_batches", given), run=False)
         assert cli.trainer.limit_val_batches == expected and type(cli.trainer.limit_val_batches) is type(expected)
+    quick = tmp_path / "quick.yaml"  # as a config file writes them
+    quick.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 1.0\n  limit_train_batches: 3\n")
+    trainer = ResNetLabCLI(args=cifar_args(cifar_root, "--config", str(quick)), run=False).trainer
+    assert (trainer.limit_val_batches, trainer.limit_test_batches, trainer.limit_train_batches) == (1, 1.0, 3)
+    assert (type(trainer.limit_val_batches), type(trainer.limit_test_batches)) == (int, float)
 
 
 def test_a_run_ending_mid_epoch_validates_its_final_model(cifar_root, tmp_path):

@@ -12,7 +12,7 @@ from resnet_lab.checkpoints import check_lightning_checkpoint
 from resnet_lab.cli import main
 from resnet_lab.errors import ConfigError, DataError, UserError
 from resnet_lab.identity import run_to_resume
-from resnet_lab.launch import check_writable, expand_recipes, limits_given_as_one_batch, link_num_classes, user_error
+from resnet_lab.launch import check_writable, expand_recipes, link_num_classes, user_error
 
 
 def lightning_file(path: Path, mtime: float) -> Path:
@@ -47,14 +47,6 @@ def test_resume_continues_the_run_the_command_names(tmp_path):
         run_to_resume(experiment, "seed2", lambda run: settings[run.name])
     with pytest.raises(ConfigError, match=r"no run of .* has this command's settings \(debug has trainer.max_steps 3"):
         run_to_resume(experiment, None, lambda run: ["trainer.max_steps 3 (this command: 64000)"])
-
-
-def test_limits_written_as_1_are_one_batch(tmp_path):
-    config = tmp_path / "quick.yaml"
-    config.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 1.0\n")
-    assert limits_given_as_one_batch(["--config", str(config)]) == {"limit_val_batches"}
-    given = ["--config", str(config), "--trainer.limit_val_batches", "1.0", "--trainer.limit_train_batches=1"]
-    assert limits_given_as_one_batch(given) == {"limit_train_batches"}
 
 
 def test_checks_before_any_work(tmp_path):

@@ -18,14 +18,14 @@ from jsonargparse import Namespace
 from conftest import CONFIGS, REPO, TINY_RUN, write_tiny_cifar
 from resnet_lab.cli import main as cli_main
 from resnet_lab.errors import ConfigError
-from resnet_lab.identity import run_name, scale_label
+from resnet_lab.identity import run_name
 from resnet_lab.launch import expand_recipes
 from resnet_lab.paper.__main__ import main as paper
 from resnet_lab.paper.curves import Curve
 from resnet_lab.paper.ledger import COLUMNS, README_BEGIN, README_END, read_ledger, readme_table, results_table
 from resnet_lab.paper.runs import Run
 from resnet_lab.records import read_run_file
-from resnet_lab.scaled import scale_schedule
+from resnet_lab.scaled import scale_label, scale_schedule
 
 EXPERIMENTS = ("resnet20_cifar", "plain20_cifar")
 SEEDS = (0, 1)

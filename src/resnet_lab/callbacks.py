@@ -40,6 +40,13 @@ class ValidateAtMaxSteps(Callback):
     0.3 epoch would never be validated. Lightning validates when a stop is requested, so request it on the last step.
     """
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.max_steps == 0:  # Lightning would "train" and save the untrained network
+            raise ConfigError(
+                "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
+                "for a budget in epochs"
+            )
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import Namespace, dict_to_namespace
+from jsonargparse import Namespace
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 
@@ -253,8 +253,8 @@ def check_checkpoint_for(config: Namespace, path: str) -> None:
         )
     checkpoint = check_lightning_checkpoint(path)
     check_checkpoint_plain(checkpoint, f"--ckpt_path {path}", trusted=names_in(config.as_dict()))
-    given = network_of(config)
-    theirs = network_of(Namespace(model=dict_to_namespace(checkpoint.get("hyper_parameters") or {})))
+    given = network_of(config.model.as_dict() if isinstance(config.model, Namespace) else {})
+    theirs = network_of(checkpoint.get("hyper_parameters") or {})
     differences = [
         f"{key} {theirs[key]} in the checkpoint, {value} in the config"
         for key, value in given.items()
@@ -295,19 +295,20 @@ def carry_step_count(checkpoint: dict, manual: bool) -> None:
         }
 
 
-def network_of(config: Namespace | None) -> dict[str, str]:
-    """The backbone a config names, as comparable text: its class and arguments, classes by their own name (the
-    class count is left out: the data module sets it, and a checkpoint of another count fails to load, saying so)."""
-    backbone = model_arguments(config).get("backbone") if isinstance(config, Namespace) else None
-    if not isinstance(backbone, Namespace) or "class_path" not in backbone:
+def network_of(model: dict) -> dict[str, str]:
+    """The backbone of the module's settings `model` (a config's `model`, a checkpoint's hyper-parameters), as
+    comparable text: its class and arguments, classes by their own name (the class count is left out: the data
+    module sets it, and a checkpoint of another count fails to load, saying so)."""
+    backbone = (model.get("init_args") or {} if "class_path" in model else model).get("backbone")
+    if not isinstance(backbone, dict) or "class_path" not in backbone:
         return {}
 
     def text(value: object) -> str:
         value = getattr(value, "__name__", value)
         return str(value).rpartition(".")[2] if isinstance(value, str) and "." in value else str(value)
 
-    arguments = (backbone.get("init_args") or Namespace()).as_dict()
-    return {"network": text(backbone.class_path)} | {
+    arguments = backbone.get("init_args") or {}
+    return {"network": text(backbone["class_path"])} | {
         key: text(value) for key, value in arguments.items() if key != "num_classes"
     }
 

@@ -1,7 +1,6 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
 import logging
-import os
 import sys
 import warnings
 from functools import partial
@@ -11,22 +10,12 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from resnet_lab.callbacks import (
-    CheckpointOnSignal,
-    PeriodicCheckpoint,
-    RunCheckpoint,
-    SpeedMonitor,
-    StopOnNonFiniteLoss,
-    ThrottledProgressBar,
-    ValidateAtMaxSteps,
-)
+from resnet_lab.callbacks import PeriodicCheckpoint, RunCheckpoint
 from resnet_lab.checkpoints import (
-    AtomicCheckpointIO,
     check_checkpoint_for,
     check_plain,
     model_arguments,
@@ -50,7 +39,6 @@ from resnet_lab.launch import (
     error_message,
     expand_recipes,
     experiment_config,
-    limits_given_as_one_batch,
     link_num_classes,
     user_error,
 )
@@ -58,6 +46,7 @@ from resnet_lab.module import ImageClassifier
 from resnet_lab.parser import ResNetLabParser
 from resnet_lab.records import RunRecord
 from resnet_lab.scaled import scale_schedule
+from resnet_lab.trainer import Trainer as ResNetLabTrainer
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -104,8 +93,6 @@ CKPT_PATH_HELP = {
     "run the results are logged into), or `last`: the newest run of the experiment with this network and seed",
 }
 LOG_DIR = "logs"
-# Words of a Lightning refusal that is about this machine rather than a setting's value.
-MACHINE_WORDS = ("accelerator", "gpu", "cuda", "mps", "tpu", "backend", "install", "strategy", "device", "precision")
 UNNAMED_RUN = "default"
 
 
@@ -126,7 +113,6 @@ class ResNetLabCLI(LightningCLI):
             check_config_after_subcommand(args)
         self.named_config = experiment_config(args) if isinstance(args, list) else None
         args = expand_recipes(args) if isinstance(args, list) else args
-        self.one_batch_limits = limits_given_as_one_batch(args) if isinstance(args, list) else set()
         super().__init__(
             ImageClassifier,
             LightningDataModule,
@@ -134,9 +120,7 @@ class ResNetLabCLI(LightningCLI):
             subclass_mode_data=True,
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults={
-                "callbacks": [ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss(), CheckpointOnSignal()]
-            },
+            trainer_class=ResNetLabTrainer,
             args=args,
             parser_class=ResNetLabParser,
             # Each subcommand's help says what it does here, and what our `--ckpt_path last` means (Lightning's help
@@ -268,8 +252,6 @@ class ResNetLabCLI(LightningCLI):
         init_args = getattr(config.trainer.logger, "init_args", None)
         scale = config.get("schedule_scale")
         scale = 1.0 if scale is None else scale
-        if self.subcommand == "fit" and not 0 < scale <= 1:
-            raise ConfigError(f"--schedule_scale must be in (0, 1] (e.g. 0.0625 for 1/16 of the schedule), got {scale}")
         if init_args is not None and init_args.get("name") == UNNAMED_RUN:
             name = config.get("experiment") or (Path(self.named_config).stem if self.named_config else None)
             if name:
@@ -277,12 +259,6 @@ class ResNetLabCLI(LightningCLI):
         for key in ("name", "version"):  # each becomes a folder under save_dir
             if init_args is not None and init_args.get(key) not in (None, ""):
                 check_run_name(f"--trainer.logger.init_args.{key}", init_args.get(key))
-        interval = config.trainer.get("val_check_interval")
-        if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
-            raise ConfigError(
-                f"--trainer.val_check_interval {interval}: give a number of iterations (e.g. 2000) or a fraction of an "
-                "epoch in (0, 1]"
-            )
         if self.subcommand in ("validate", "test", "predict") and not config.get("ckpt_path"):
             weights = (model_arguments(config).backbone.get("init_args") or Namespace()).get("weights")
             if weights is None:  # a torchvision network with its `weights` is the one net that needs no checkpoint
@@ -290,29 +266,21 @@ class ResNetLabCLI(LightningCLI):
                     f"{self.subcommand} needs trained weights: --ckpt_path <run>/checkpoints/last.ckpt (or `last`, the "
                     "newest run of the experiment); without them it would evaluate the untrained network"
                 )
-        if (
-            isinstance(interval, int)
-            and not isinstance(interval, bool)
-            and config.trainer.get("check_val_every_n_epoch") == 1
-        ):
+        interval = config.trainer.get("val_check_interval")
+        if isinstance(interval, int) and not isinstance(interval, bool) and config.trainer.check_val_every_n_epoch == 1:
             # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
             # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
             config.trainer.check_val_every_n_epoch = None
-        if self.subcommand == "fit" and config.trainer.get("max_steps") == 0:
-            raise ConfigError(
-                "--trainer.max_steps 0 trains nothing: give a number of iterations, or -1 with --trainer.max_epochs "
-                "for a budget in epochs"
-            )
         # TensorBoard's HPARAMS tab: the settings of the model, the data and the trainer (not where it logs).
         plain = config.as_dict()
         trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "callbacks")}
         module = {"class": config.model.get("class_path"), **model_arguments(config).as_dict()}
         settings = {"model": module, "data": plain["data"], "trainer": trainer}
         if self.subcommand == "fit":
-            self.run_record = RunRecord(config.get("experiment"), self._overrides(config), scale, settings)
-            if scale != 1:
-                self.config_as_given = config.clone()  # config.yaml keeps the schedule before its scale
-                scale_schedule(config, scale)
+            protocol = {"schedule_scale": scale}  # run.json keeps it; a resume with another is refused
+            self.run_record = RunRecord(config.get("experiment"), self._overrides(config), protocol, settings)
+            self.config_as_given = config.clone()  # config.yaml keeps the schedule before its scale
+            scale_schedule(config, scale)
         else:  # a test adds its result to the run; the others only need it present when a checkpoint holds one
             self.run_record = RunRecord(config.get("experiment"), settings=settings)
             # The checkpoint's folder written as given (relative or absolute, or the run folder since copied): its
@@ -410,52 +378,19 @@ class ResNetLabCLI(LightningCLI):
         rank_zero_info(f"{'resuming from' if self.subcommand == 'fit' else 'evaluating'} {last}: {why}")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        callbacks = config["trainer"].get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        extra = [self.run_record] if self.run_record is not None else []
-        if config["trainer"].get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
-            extra.append(ThrottledProgressBar())
-        if extra:
-            kwargs.setdefault("callbacks", [*callbacks, *extra])
-        for key in self.one_batch_limits:  # one batch, as written, not the 100% that the parser's 1.0 means
-            if config["trainer"].get(key) == 1:
-                kwargs[key] = 1
-        try:
-            trainer = super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as err:  # e.g. no GPU, a strategy whose package is not installed
-            if not any(word in str(err).lower() for word in MACHINE_WORDS):
-                raise ConfigError(f"the trainer refuses its settings: {err}") from err
-            raise ConfigError(
-                f"the trainer cannot run as configured on this machine: {err} Check --trainer.accelerator, "
-                "--trainer.devices, --trainer.strategy and --trainer.precision "
-                "(without a GPU: --trainer.accelerator cpu)"
-            ) from err
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.run_record is not None:
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            callbacks = config["trainer"].get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs.setdefault("callbacks", [*callbacks, self.run_record])
+        trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and self.config_as_given is not None:
                 callback.config = self.config_as_given
-        on_cpu = trainer.strategy.root_device.type == "cpu"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if on_cpu and trainer.num_devices > cores:
-            raise ConfigError(
-                f"--trainer.devices {trainer.num_devices} starts {trainer.num_devices} training processes on the CPU, "
-                f"which has {cores} cores: each would crawl. Use --trainer.devices {cores} or fewer (a CPU device is "
-                "a process, not a core: one process already uses every core)"
-            )
         if isinstance(self.datamodule, ClassificationDataModule):
             self.datamodule.batch_share(trainer.world_size)  # refused here, not after the processes start
         if self.subcommand == "fit":
             self.model.check_trainer(trainer)
-        if config["trainer"].get("sync_batchnorm") and trainer.world_size > 1 and on_cpu:
-            # Otherwise every process stops with torch's traceback when DDP wraps the model.
-            raise ConfigError(
-                "--trainer.sync_batchnorm true needs GPUs: PyTorch's SyncBatchNorm does not run on CPU. "
-                "Turn it off (--trainer.sync_batchnorm false) to train data-parallel on CPU"
-            )
         return trainer
 
     def after_fit(self) -> None:

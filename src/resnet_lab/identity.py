@@ -6,13 +6,14 @@ import json
 import os
 import re
 from collections.abc import Callable
-from fractions import Fraction
 from importlib import import_module
 from pathlib import Path
 
 from jsonargparse import Namespace
 
 from resnet_lab.errors import ConfigError
+from resnet_lab.scaled import OPTION as SCALE_OPTION
+from resnet_lab.scaled import other_scales, scaled_name
 
 
 def run_to_resume(experiment: Path, version: str | None, differences: Callable[[Path], list[str]]) -> tuple[Path, str]:
@@ -35,11 +36,9 @@ def run_to_resume(experiment: Path, version: str | None, differences: Callable[[
         return last, f"the run --trainer.logger.init_args.version {version} names"
     candidates = sorted(experiment.glob("*/checkpoints/last.ckpt"))
     if not candidates:
-        scaled = sorted(p.name for p in experiment.parent.glob(f"{experiment.name}-scale*") if p.is_dir())
-        hint = f" (runs of it at another --schedule_scale are in {', '.join(scaled)}: give their scale)" * bool(scaled)
         raise ConfigError(
-            f"--ckpt_path last: no {experiment}/*/checkpoints/last.ckpt to resume from{hint}; start the run "
-            "without --ckpt_path, or give a checkpoint's path"
+            f"--ckpt_path last: no {experiment}/*/checkpoints/last.ckpt to resume from{other_scales(experiment)}; "
+            "start the run without --ckpt_path, or give a checkpoint's path"
         )
     differing = {last: differences(last.parents[1]) for last in candidates}
     same = [last for last, differs in differing.items() if not differs]
@@ -52,12 +51,6 @@ def run_to_resume(experiment: Path, version: str | None, differences: Callable[[
     last = max(same, key=os.path.getmtime)
     count = "the only run" if len(same) == 1 else f"the newest (by its last.ckpt) of {len(same)} runs"
     return last, f"{count} of {experiment.name} with this command's settings"
-
-
-def scale_label(scale: float) -> str:
-    """`1/16` for 0.0625; `1` for the full schedule."""
-    fraction = Fraction(scale).limit_denominator(10000)
-    return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -73,10 +66,8 @@ def check_run_name(option: str, value: object) -> str:
 
 
 def run_name(experiment: str, scale: float) -> str:
-    """The experiment's folder under logs/: a scaled run's name says its scale (`resnet20_cifar-scale1of16`), so
-    that it is never taken for (or resumed as) a full-schedule run."""
-    check_run_name("--experiment", experiment)
-    return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
+    """The experiment's folder under logs/ (a scaled run's says its scale: `resnet_lab.scaled.scaled_name`)."""
+    return scaled_name(check_run_name("--experiment", experiment), scale)
 
 
 # Settings that change where a run is written or read, what it shows, or when it stops and saves, but not what it
@@ -88,7 +79,7 @@ NOT_OVERRIDES = (
     "experiment",
     "ckpt_path",
     "seed_everything",
-    "schedule_scale",
+    SCALE_OPTION,
     "paper_recipe",
     "test_after_fit",
     "data.init_args.root",

@@ -130,34 +130,6 @@ def expand_recipes(args: list[str]) -> list[str]:
     return expanded
 
 
-# Trainer arguments typed `float | int`, in that order: the parser reads a 1 as 1.0, which Lightning takes for 100%.
-BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
-
-
-def limits_given_as_one_batch(args: list[str]) -> set[str]:
-    """The batch limits (`BATCH_LIMITS`) that `args` (with recipes expanded) last set to the integer 1, one batch,
-    in a config file (`limit_val_batches: 1`) or an option (`--trainer.limit_val_batches 1`)."""
-    last: dict[str, bool] = {}
-    for i, arg in enumerate(args):
-        if arg == "--config" and i + 1 < len(args):
-            trainer = config_key(args[i + 1], "trainer")
-            for key in BATCH_LIMITS:
-                if isinstance(trainer, dict) and key in trainer:
-                    value = trainer[key]
-                    last[key] = value == 1 and isinstance(value, int) and not isinstance(value, bool)
-            continue
-        for key in BATCH_LIMITS:
-            option, value = f"--trainer.{key}", None
-            if arg == option and i + 1 < len(args):
-                value = args[i + 1]
-            elif arg.startswith(f"{option}="):
-                value = arg.split("=", 1)[1]
-            if value is not None:
-                last[key] = value.strip() == "1"
-                break
-    return {key for key, one in last.items() if one}
-
-
 def check_writable(folder: Path) -> None:
     """Fail before training, not hours later at the first checkpoint, if runs cannot be written under `folder`."""
     try:

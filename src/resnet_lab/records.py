@@ -115,12 +115,13 @@ class RunRecord(Callback):
 
     The command line adds it to every run that has a logger; `python -m resnet_lab.paper record` reads the file.
     Its state travels in checkpoints, so a resumed run keeps its identity and sums its wall time, and a run is
-    refused if resumed with another schedule scale than it was started with.
+    refused if resumed with another protocol than it was started with.
 
     Args:
         experiment: the experiment's name (its config's `experiment:`).
         overrides: `key=value` for every setting in which the run differs from its experiment's config.
-        schedule_scale: the fraction of the experiment's schedule the run trains (`--schedule_scale`).
+        protocol: the options that set how much of the experiment the run trains (the command line gives the
+            schedule's scale), kept in run.json and refused in another value when the run is resumed.
         settings: what TensorBoard's HPARAMS tab shows of the run's settings (the command line gives its whole
             config: the model's, the data's and the trainer's); None: the model's and the data module's
             hyperparameters.
@@ -130,32 +131,32 @@ class RunRecord(Callback):
         self,
         experiment: str | None = None,
         overrides: list[str] | None = None,
-        schedule_scale: float = 1.0,
+        protocol: dict[str, float] | None = None,
         settings: dict[str, Any] | None = None,
     ):
         self.experiment = experiment
         self.overrides = overrides
-        self.schedule_scale = schedule_scale
+        self.protocol = protocol or {}
         self.settings = settings
         self.run_id: str | None = None
         self.started: str | None = None
         self.wall_s_before = 0.0  # training wall time of the sessions before a resume
         self.session_start: float | None = None
-        self.resumed_scale: float | None = None
+        self.resumed_protocol: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "started": self.started,
             "wall_s": self._wall_s(),
-            "schedule_scale": self.schedule_scale,
+            **self.protocol,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_run_id(state_dict.get("run_id"), "the checkpoint's RunRecord state")
         self.run_id, self.started = state_dict.get("run_id"), state_dict.get("started")
         self.wall_s_before = float(state_dict.get("wall_s", 0.0))
-        self.resumed_scale = state_dict.get("schedule_scale", 1.0)
+        self.resumed_protocol = {k: v for k, v in state_dict.items() if k not in ("run_id", "started", "wall_s")}
 
     def _wall_s(self) -> float:
         session = 0.0 if self.session_start is None else time.perf_counter() - self.session_start
@@ -167,11 +168,13 @@ class RunRecord(Callback):
         return Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.resumed_scale is not None and self.resumed_scale != self.schedule_scale:
-            raise ConfigError(
-                f"this checkpoint was trained with --schedule_scale {self.resumed_scale} and is resumed with "
-                f"{self.schedule_scale}: resume it with --schedule_scale {self.resumed_scale}"
-            )
+        for key, value in self.protocol.items():
+            trained = self.resumed_protocol.get(key, value)
+            if trained != value:
+                raise ConfigError(
+                    f"this checkpoint was trained with --{key} {trained} and is resumed with {value}: resume it with "
+                    f"--{key} {trained}"
+                )
         self.session_start = time.perf_counter()
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         self.started = self.started or _now()
@@ -185,7 +188,7 @@ class RunRecord(Callback):
             "run_id": self.run_id,
             "experiment": self.experiment,
             "overrides": self.overrides,
-            "schedule_scale": self.schedule_scale,
+            **self.protocol,
             "planned_iterations": trainer.max_steps,
             "started": self.started,
             "commit": source_commit(),
@@ -230,7 +233,7 @@ class RunRecord(Callback):
             settings = {**pl_module.hparams, **({"data": dict(data)} if data else {})}
         params = {
             "experiment": self.experiment,
-            "schedule_scale": self.schedule_scale,
+            **self.protocol,
             "seed": os.environ.get("PL_GLOBAL_SEED"),
             **settings,
         }

@@ -1,12 +1,42 @@
 """The scaled protocol (`--schedule_scale`): a fraction of an experiment's schedule with its shape kept, for
-evidence at a fraction of the cost (the run folder says its scale: `resnet_lab.identity.run_name`)."""
+evidence at a fraction of the cost. The run's folder says its scale (`scaled_name`), run.json and the ledger keep it
+under the option's name (`OPTION`)."""
 
+from fractions import Fraction
 from importlib import import_module
+from pathlib import Path
 
 from jsonargparse import Namespace
 
 from resnet_lab.checkpoints import model_arguments
 from resnet_lab.errors import ConfigError
+
+OPTION = "schedule_scale"
+
+
+def scale_label(scale: float) -> str:
+    """`1/16` for 0.0625; `1` for the full schedule."""
+    fraction = Fraction(scale).limit_denominator(10000)
+    return str(fraction.numerator) if fraction.denominator == 1 else f"{fraction.numerator}/{fraction.denominator}"
+
+
+def scaled_name(experiment: str, scale: float) -> str:
+    """A scaled run's experiment folder says its scale (`resnet20_cifar-scale1of16`), so that it is never taken for
+    (or resumed as) a full-schedule run."""
+    return experiment if scale == 1 else f"{experiment}-scale{scale_label(scale).replace('/', 'of')}"
+
+
+def other_scales(experiment: Path) -> str:
+    """Where the runs of `experiment` (a folder under logs/) at other scales are, as a hint; "" if nowhere."""
+    scaled = sorted(p.name for p in experiment.parent.glob(f"{experiment.name}-scale*") if p.is_dir())
+    return f" (runs of it at another --{OPTION} are in {', '.join(scaled)}: give their scale)" if scaled else ""
+
+
+def scale_given(args: list[str]) -> float:
+    """The scale a command line (`paper seeds`' options) gives, 1 if none."""
+    option = f"--{OPTION}"
+    return float(args[args.index(option) + 1]) if option in args[:-1] else 1.0
+
 
 # Scheduler arguments counted in scheduler steps, which `scale_schedule` multiplies when the scheduler steps every
 # iteration. A scheduler of your own names its own in a `scaled_arguments` class attribute. Warm-up lengths

@@ -28,7 +28,7 @@ class WarmupMultiStepLR(LRScheduler):
         last_epoch: index of the last step, -1 to start.
     """
 
-    # What `--schedule_scale` multiplies; the warm-up is left as the paper states it.
+    # What the scaled protocol (resnet_lab.scaled) multiplies; the warm-up is left as the paper states it.
     scaled_arguments = ("milestones",)
 
     def __init__(
@@ -101,7 +101,7 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: index of the last step, -1 to start.
     """
 
-    # What `--schedule_scale` multiplies when given; the warm-up is left as the recipe states it.
+    # What the scaled protocol (resnet_lab.scaled) multiplies; the warm-up is left as the recipe states it.
     scaled_arguments = ("total_steps",)
 
     def __init__(

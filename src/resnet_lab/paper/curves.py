@@ -1,18 +1,14 @@
 """Fig. 1 / Fig. 6: training error (thin) and validation error (bold) against iterations, from the runs' logs or
 from the ledger's curve files (`results/curves/`)."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 
-from resnet_lab.errors import DataError, DatasetNotFoundError
-from resnet_lab.identity import run_name
-from resnet_lab.paper.runs import Run, find_runs, save_figure, write_csv
-
-TRAIN, VAL = "train/err_top1", "val/err_top1"
+from resnet_lab.paper.ledger import curve_name, read_curve_file
+from resnet_lab.paper.runs import TRAIN, VAL, Run, find_runs, save_figure, write_csv
 
 
 @dataclass(frozen=True)
@@ -31,36 +27,9 @@ class Curve:
     @classmethod
     def of_file(cls, path: Path) -> "Curve":
         """A curve file of the ledger, as `python -m resnet_lab.paper record` writes it."""
-        try:
-            curve = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise DatasetNotFoundError(f"{path} is not a readable curve file ({err})") from err
-        if not isinstance(curve, dict):
-            raise DataError(f"{path}: expected a JSON object with the keys {', '.join(CURVE_KEYS)}")
-        for key, (expected, check) in CURVE_KEYS.items():
-            if key not in curve or not check(curve[key]):
-                got = f"got {curve[key]!r:.80}" if key in curve else "it is missing"
-                raise DataError(f"{path}: key {key!r}: expected {expected}, {got}")
-        name = f"{run_name(curve['experiment'], float(curve['schedule_scale']))} seed {curve['seed']}"
+        curve = read_curve_file(path)
+        name = f"{curve_name(curve)} seed {curve['seed']}"
         return cls(name, curve["backbone"], [tuple(p) for p in curve["train"]], [tuple(p) for p in curve["val"]])
-
-
-def _points(value: object) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in p)
-        for p in value
-    )
-
-
-# What a curve file from elsewhere must hold (the ledger writes these); the experiment's name is checked as a name.
-CURVE_KEYS = {
-    "experiment": ("an experiment's name", lambda v: isinstance(v, str) and bool(v)),
-    "schedule_scale": ("a number in (0, 1]", lambda v: isinstance(v, int | float) and 0 < v <= 1),
-    "seed": ("an integer or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
-    "backbone": ("the backbone's arguments as an object", lambda v: isinstance(v, dict)),
-    "train": ("a list of [step, error] pairs", _points),
-    "val": ("a list of [step, error] pairs", _points),
-}
 
 
 def read_curves(paths: list[Path]) -> list[Curve]:

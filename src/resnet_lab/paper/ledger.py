@@ -14,12 +14,13 @@ import statistics
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from resnet_lab.errors import ConfigError, DataError, UserError
+from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError, UserError
 from resnet_lab.files import atomic_write_text, csv_cell, markdown_cell
-from resnet_lab.identity import is_override, run_name, scale_label
-from resnet_lab.paper.runs import Run
+from resnet_lab.identity import is_override, run_name
+from resnet_lab.paper.runs import TRAIN, VAL, Run
 from resnet_lab.paper.tables import count_parameters, mean_std, network_name, paper_errors
 from resnet_lab.records import RUN_ID, read_run_file
+from resnet_lab.scaled import scale_label
 
 LEDGER = Path("results")
 COLUMNS = (
@@ -138,8 +139,6 @@ def _thin(points: list[tuple[int, float]], most: int) -> list[list[float]]:
 
 def curve_of(run: Run) -> dict:
     """The run's training (thinned to `CURVE_POINTS`) and validation error against iterations."""
-    from resnet_lab.paper.curves import TRAIN, VAL
-
     info = read_run_file(run.path)
     return {
         "run_id": info.get("run_id"),
@@ -150,6 +149,44 @@ def curve_of(run: Run) -> dict:
         "train": _thin(run.scalars(TRAIN), CURVE_POINTS),
         "val": [[step, round(value, 2)] for step, value in run.scalars(VAL)],
     }
+
+
+def _points(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in p)
+        for p in value
+    )
+
+
+# What a curve file from elsewhere must hold (`curve_of` writes these); the experiment's name is checked as a name.
+CURVE_KEYS = {
+    "experiment": ("an experiment's name", lambda v: isinstance(v, str) and bool(v)),
+    "schedule_scale": ("a number in (0, 1]", lambda v: isinstance(v, int | float) and 0 < v <= 1),
+    "seed": ("an integer or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+    "backbone": ("the backbone's arguments as an object", lambda v: isinstance(v, dict)),
+    "train": ("a list of [step, error] pairs", _points),
+    "val": ("a list of [step, error] pairs", _points),
+}
+
+
+def read_curve_file(path: Path) -> dict:
+    """A curve file of the ledger (`results/curves/`), each key checked: a file from elsewhere is data."""
+    try:
+        curve = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetNotFoundError(f"{path} is not a readable curve file ({err})") from err
+    if not isinstance(curve, dict):
+        raise DataError(f"{path}: expected a JSON object with the keys {', '.join(CURVE_KEYS)}")
+    for key, (expected, check) in CURVE_KEYS.items():
+        if key not in curve or not check(curve[key]):
+            got = f"got {curve[key]!r:.80}" if key in curve else "it is missing"
+            raise DataError(f"{path}: key {key!r}: expected {expected}, {got}")
+    return curve
+
+
+def curve_name(curve: dict) -> str:
+    """The run folder name of the experiment a curve is of, its scale included."""
+    return run_name(curve["experiment"], float(curve["schedule_scale"]))
 
 
 def _final_tests(run: Run, info: dict) -> dict[str, dict]:
@@ -255,7 +292,7 @@ def record(paths: Iterable[Path], ledger: Path = LEDGER, skip_recorded: Collecti
     for run, rows in plans:
         dataset = run.dataset
         curve = curve_of(run)
-        name = f"{run_name(curve['experiment'], float(curve['schedule_scale']))}-seed{curve['seed']}-{curve['run_id']}"
+        name = f"{curve_name(curve)}-seed{curve['seed']}-{curve['run_id']}"
         curve_path = Path("curves") / dataset / f"{name}.json"
         atomic_write_text(ledger / curve_path, json.dumps(curve, separators=(",", ":")) + "\n")
         table = ledger / f"{dataset}.csv"

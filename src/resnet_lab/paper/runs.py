@@ -23,6 +23,8 @@ from resnet_lab.launch import config_key
 
 # A resumed or graph-logging run has several graph events; the reader warns of each, and only scalars are read here.
 tb_logging.get_logger().setLevel("ERROR")
+# The curves a run logs: its training error (of the training batches, with augmentation) and validation error.
+TRAIN, VAL = "train/err_top1", "val/err_top1"
 
 
 @dataclass(frozen=True)

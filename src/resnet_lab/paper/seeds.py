@@ -12,6 +12,7 @@ from resnet_lab.cli import main as cli_main
 from resnet_lab.errors import ConfigError
 from resnet_lab.identity import run_name
 from resnet_lab.launch import config_key
+from resnet_lab.scaled import scale_given
 
 
 def _option(extra: list[str], name: str, default: str) -> str:
@@ -21,9 +22,7 @@ def _option(extra: list[str], name: str, default: str) -> str:
 def experiment_folder(config: Path, extra: list[str]) -> Path:
     """Where the command line writes this config's runs: `<save_dir>/<experiment>[-scale1of16]/`."""
     experiment = config_key(config, "experiment") or config.stem
-    name = _option(extra, "--trainer.logger.init_args.name", None) or run_name(
-        experiment, float(_option(extra, "--schedule_scale", "1"))
-    )
+    name = _option(extra, "--trainer.logger.init_args.name", None) or run_name(experiment, scale_given(extra))
     return Path(_option(extra, "--trainer.logger.init_args.save_dir", LOG_DIR)) / name
 
 
