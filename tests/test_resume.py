@@ -268,7 +268,9 @@ def test_a_scheduler_signal_saves_exits_cleanly_and_resumes_bit_identically(work
         assert logged == {e.step for e in EventAccumulator(str(reference)).Reload().Scalars("train/loss")}
         # The clocks restart with the resumed process (Lightning starts no epoch when it resumes inside one).
         rates = [e.value for e in speed.Scalars("perf/images_per_s") if e.step >= step]
-        assert rates and min(rates) > 5  # 16 images every 0.25 s or faster
+        # A clock left from before the resume would count the time since then: rates near 0. (Paced at 16 images every
+        # 0.25 s, an idle machine logs about 60; a loaded one, a tenth of that.)
+        assert rates and min(rates) > 1
         assert max(e.value for e in speed.Scalars("perf/epoch_time_s")) < 60
         resumed_record = read_run_file(run_dir(workspace, folder))
         assert resumed_record["run_id"] == stopped_record["run_id"]

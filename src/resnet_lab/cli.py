@@ -1,6 +1,5 @@
 """The command line: `python main.py {fit,validate,test,predict} --config configs/<experiment>.yaml`."""
 
-import logging
 import sys
 import warnings
 from functools import partial
@@ -17,19 +16,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from resnet_lab.callbacks import PeriodicCheckpoint, RunCheckpoint
 from resnet_lab.checkpoints import (
     check_checkpoint_for,
-    check_plain,
     model_arguments,
-    names_in,
-    read_saved_config,
     resolve_alias,
 )
 from resnet_lab.data.base import ClassificationDataModule
-from resnet_lab.errors import ConfigError, DataError
+from resnet_lab.errors import ConfigError
 from resnet_lab.identity import (
+    HOW_TO_RUN,
+    SAME_TRAINING,
     check_run_name,
-    config_differences,
     config_overrides,
     module_class,
+    run_differences,
     run_name,
     run_to_resume,
 )
@@ -48,36 +46,9 @@ from resnet_lab.records import RunRecord
 from resnet_lab.scaled import scale_schedule
 from resnet_lab.trainer import Trainer as ResNetLabTrainer
 
-# Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-# TensorBoard draws the network graph with torch.jit.trace, which torch >= 2.9 calls deprecated.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
-# Lightning counts the logging interval in iterations across epochs, so short epochs (a --schedule_scale run) still
-# log every log_every_n_steps iterations, as this warning would have one believe they do not.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
-# graph_step keeps each group's learning rate as a device tensor (the fused update reads it there), which
-# LearningRateMonitor copies with torch.tensor().
-warnings.filterwarnings(
-    "ignore", message="To copy construct from a tensor", module="lightning.pytorch.callbacks.lr_monitor"
-)
-# ... and trains under manual optimization, where ModelCheckpoint warns that a checkpoint holds the weights after the
-# iteration's update: so do the ordinary path's.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
-
-
 # main.py hands LightningCLI the command line with each config's recipes read before it, which Lightning warns of
 # when sys.argv holds arguments too.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-
-class _NoAdvertisements(logging.Filter):
-    """Lightning 2.6 suggests its cloud products on every command ("Tip: ... litlogger")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
 
 SUBCOMMAND_HELP = {
     "fit": "train a network: a run folder under logs/<experiment>/ (config, TensorBoard events, checkpoints)",
@@ -314,11 +285,11 @@ class ResNetLabCLI(LightningCLI):
             "overwrite": True,
         }
 
-    def _parse_alone(self, configs: list[str]) -> Namespace | None:
-        """This subcommand's config from `configs` alone (None if they do not parse on their own)."""
+    def _parse_alone(self, args: list[str], *more: str | Path) -> Namespace | None:
+        """This subcommand's config from `args` and `more` alone (None if they do not parse on their own)."""
         exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False  # raise, print nothing
         try:
-            return self.parser.parse_args([self.subcommand, *configs])[self.subcommand]
+            return self.parser.parse_args([self.subcommand, *args, *map(str, more)])[self.subcommand]
         except Exception:  # noqa: BLE001 - the experiment alone may need what the command added
             return None
         finally:
@@ -329,40 +300,14 @@ class ResNetLabCLI(LightningCLI):
         base = self._parse_alone(expand_recipes(["--config", self.named_config])) if self.named_config else None
         return None if base is None else config_overrides(config, base)
 
-    def _differences(self, config: Namespace, run: Path) -> list[str]:
-        """How the settings of the run in `run` differ from this command's (`config`), as `key value` phrases: all
-        of them for `fit`, the network's for an evaluation; and the seed."""
-        if not (run / "config.yaml").is_file():
-            return ["no config.yaml this version can read"]
-        try:  # a run folder is data: parsing it imports what it names, which is checked first
-            held = read_saved_config(run / "config.yaml")
-            own, source = names_in(config.as_dict()), str(run / "config.yaml")
-            check_plain({k: held.get(k) for k in ("model", "data")}, source, "", own, folder=run)
-            check_plain({k: v for k, v in held.items() if k != "ckpt_path"}, source, "", own, True, run)
-        except DataError as err:  # another run's doing: not the run this command names
-            return [f"a config.yaml this command does not read ({err})"]
-        saved = self._parse_alone(["--config", str(run / "config.yaml")])
-        if saved is None:
-            return ["no config.yaml this version can read"]
-        mine = self.config_as_given if self.config_as_given is not None else config
-        differences = [
-            (k, a, b)
-            for k, a, b in config_differences(mine, saved)
-            if k != "ckpt_path"
-            and k.removeprefix("model.") not in HOW_TO_RUN  # how it runs: this command's
-            and not (k == "model.class_path" and {a, b} <= SAME_TRAINING)
-        ]
-        if self.subcommand != "fit":  # an evaluation takes its own batches and limits: only the network must agree
-            differences = [(k, a, b) for k, a, b in differences if k.startswith("model.backbone.")]
-        if mine.get("seed_everything") != saved.get("seed_everything"):
-            differences.insert(0, ("seed_everything", mine.get("seed_everything"), saved.get("seed_everything")))
-        return [f"{key} {theirs} (this command: {value})" for key, value, theirs in differences]
-
     def _resume_last_run(self, config: Namespace, experiment: Path) -> None:
         """`--ckpt_path last`: see `run_to_resume`; `fit` goes on in that run's folder, so its TensorBoard curves
         continue where they stopped."""
         version = config.trainer.logger.init_args.get("version") if self.subcommand == "fit" else None
-        last, why = run_to_resume(experiment, version, partial(self._differences, config))
+        mine = self.config_as_given if self.config_as_given is not None else config
+        parse = partial(self._parse_alone, ["--config"])
+        differences = partial(run_differences, mine, parse=parse, evaluation=self.subcommand != "fit")
+        last, why = run_to_resume(experiment, version, differences)
         check_checkpoint_for(config, str(last))
         config.ckpt_path = str(last)
         if self.subcommand == "fit":
@@ -396,12 +341,6 @@ class ResNetLabCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
-
-
-# The module's arguments that change how it computes, not what it computes (`graph_step`: of checkpoints written
-# before the graph step was a class of its own); and the module classes that train alike, differing only in how.
-HOW_TO_RUN = ("graph_step", "compile", "compile_mode", "compile_backend", "channels_last")
-SAME_TRAINING = {"resnet_lab.module.ImageClassifier", "resnet_lab.graph_step.GraphStepClassifier"}
 
 
 def main(args: ArgsType = None) -> None:

@@ -36,6 +36,15 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from resnet_lab.errors import ConfigError
 from resnet_lab.module import ImageClassifier
 
+# The graph step keeps each group's learning rate as a device tensor (the fused update reads it there), which
+# LearningRateMonitor copies with torch.tensor().
+warnings.filterwarnings(
+    "ignore", message="To copy construct from a tensor", module="lightning.pytorch.callbacks.lr_monitor"
+)
+# ... and trains under manual optimization, where ModelCheckpoint warns that a checkpoint holds the weights after the
+# iteration's update: so do the ordinary path's.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+
 # Eager iterations on a side stream before the capture: they create the momentum buffers and let cuDNN's autotuner
 # and the caching allocator settle, as CUDA graph capture requires.
 EAGER_ITERATIONS_BEFORE_CAPTURE = 3

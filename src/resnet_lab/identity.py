@@ -11,7 +11,8 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from resnet_lab.errors import ConfigError
+from resnet_lab.checkpoints import check_plain, names_in, read_saved_config
+from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.scaled import OPTION as SCALE_OPTION
 from resnet_lab.scaled import other_scales, scaled_name
 
@@ -180,3 +181,41 @@ def config_overrides(config: Namespace, base: Namespace) -> list[str]:
     """`key=value` (the value as JSON) for every setting of `config` that differs from `base`, its experiment's
     config as read alone (see `config_differences`)."""
     return [f"{key}={json.dumps(value, default=str)}" for key, value, _ in config_differences(config, base)]
+
+
+# The module's arguments that change how it computes, not what it computes (`graph_step`: of checkpoints written
+# before the graph step was a class of its own); and the module classes that train alike, differing only in how.
+HOW_TO_RUN = ("graph_step", "compile", "compile_mode", "compile_backend", "channels_last")
+SAME_TRAINING = {"resnet_lab.module.ImageClassifier", "resnet_lab.graph_step.GraphStepClassifier"}
+
+
+def run_differences(
+    config: Namespace, run: Path, parse: Callable[[Path], Namespace | None], evaluation: bool
+) -> list[str]:
+    """How the settings of the run in `run` differ from this command's (`config`), as `key value` phrases: all of
+    them for a fit, the network's for an `evaluation`; and the seed. `parse` reads a config file as the command line
+    would, None if it cannot."""
+    if not (run / "config.yaml").is_file():
+        return ["no config.yaml this version can read"]
+    try:  # a run folder is data: parsing it imports what it names, which is checked first
+        held = read_saved_config(run / "config.yaml")
+        own, source = names_in(config.as_dict()), str(run / "config.yaml")
+        check_plain({k: held.get(k) for k in ("model", "data")}, source, "", own, folder=run)
+        check_plain({k: v for k, v in held.items() if k != "ckpt_path"}, source, "", own, True, run)
+    except DataError as err:  # another run's doing: not the run this command names
+        return [f"a config.yaml this command does not read ({err})"]
+    saved = parse(run / "config.yaml")
+    if saved is None:
+        return ["no config.yaml this version can read"]
+    differences = [
+        (k, a, b)
+        for k, a, b in config_differences(config, saved)
+        if k != "ckpt_path"
+        and k.removeprefix("model.") not in HOW_TO_RUN  # how it runs: this command's
+        and not (k == "model.class_path" and {a, b} <= SAME_TRAINING)
+    ]
+    if evaluation:  # an evaluation takes its own batches and limits: only the network must agree
+        differences = [(k, a, b) for k, a, b in differences if k.startswith("model.backbone.")]
+    if config.get("seed_everything") != saved.get("seed_everything"):
+        differences.insert(0, ("seed_everything", config.get("seed_everything"), saved.get("seed_everything")))
+    return [f"{key} {theirs} (this command: {value})" for key, value, theirs in differences]

@@ -1,7 +1,9 @@
 """The Trainer the command line builds (`trainer:` in a config): Lightning's, with the callbacks every run has,
 atomic checkpoints, and its settings checked before anything runs, each refusal one line."""
 
+import logging
 import os
+import warnings
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
@@ -18,6 +20,24 @@ from resnet_lab.callbacks import (
 )
 from resnet_lab.checkpoints import AtomicCheckpointIO
 from resnet_lab.errors import ConfigError
+
+# Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# TensorBoard draws the network graph with torch.jit.trace, which torch >= 2.9 calls deprecated.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning)
+# Lightning counts the logging interval in iterations across epochs, so short epochs (a scaled run's) still log every
+# log_every_n_steps iterations, as this warning would have one believe they do not.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+
+
+class _NoAdvertisements(logging.Filter):
+    """Lightning 2.6 suggests its cloud products on every command ("Tip: ... litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
 
 # Every run's callbacks besides those the command line configures (--checkpoint, --last_checkpoint,
 # --periodic_checkpoint, --lr_monitor): a validation at the last step, speed logging, a stop at a non-finite loss,
