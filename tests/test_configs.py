@@ -1,6 +1,7 @@
 """Every config file fits: each experiment for an iteration on tiny real-format data, each preset stacked on a small
 experiment (torchgeo runs every one of its configs the same way)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,48 @@ def test_every_preset_fits_stacked_on_an_experiment(preset, cifar_root, imagenet
     if family == "resnet20_cifar":
         args += ["--model.backbone.init_args.depth", "8"]
     fit([*args, *ON_THIS_CPU.get(preset.stem, [])], tmp_path)
+
+
+AUGMENTATION_PRESETS = ["trivialaugment", "randaugment", "autoaugment", "random_erasing", "mixup", "cutmix"]
+
+
+@pytest.mark.parametrize("preset", AUGMENTATION_PRESETS)
+def test_every_augmentation_preset_stacks_on_an_imagenet_experiment(preset, cifar_root, imagenet_root, tmp_path):
+    from resnet_lab.cli import ResNetLabCLI
+    from resnet_lab.data import BatchTransforms, MixBatch
+
+    real = Path(os.environ.get("RESNET_LAB_DATA", "")) / "imagenette-mini"  # the real subset where there is one
+    experiment = CONFIGS / "resnet18_imagenette.yaml"
+    data = data_for(experiment, cifar_root, real if real.is_dir() else imagenet_root)
+    stacked = ["--config", str(experiment), "--config", str(CONFIGS / "presets" / f"{preset}.yaml")]
+    cli = ResNetLabCLI(args=["fit", *stacked, *data, *TINY])
+    [last] = Path("logs").glob("*/version_0/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    # It took effect, where a CIFAR experiment has it: after the recipe's colour noise, or as the mixing.
+    dm = cli.datamodule
+    mixing = preset in ("mixup", "cutmix")
+    applied = [type(a).__name__ for a in dm.batch_transforms.augmentations]
+    assert applied == ["PCALighting"] + ["EachImage"] * (not mixing)
+    assert isinstance(dm.mixing, MixBatch) == mixing
+    images, labels, _ = next(iter(dm.train_dataloader()))
+    stacked, targets = dm.batch_transforms(images, labels, 5)
+    recipe_alone, _ = BatchTransforms(dm.data_augmentations(), dm.normalize, dm.num_classes)(images, labels, 5)
+    assert stacked.shape == recipe_alone.shape == (2, 3, 64, 64) and not torch.equal(stacked, recipe_alone)
+    assert targets.shape == ((2, dm.num_classes) if mixing else (2,))
+
+
+@pytest.mark.parametrize("experiment", ["resnet20_cifar", "resnet18_imagenette"])
+def test_mixing_listed_among_the_augmentations_is_refused_in_one_line(experiment, cifar_root, imagenet_root, tmp_path):
+    old = tmp_path / "old_mixup.yaml"  # configs/presets/mixup.yaml as it was before the `mixing` argument
+    old.write_text(
+        "data:\n  init_args:\n    augmentations+:\n      - class_path: resnet_lab.data.MixBatch\n        init_args:\n"
+        "          transform: {class_path: torchvision.transforms.v2.MixUp, init_args: {alpha: 0.2}}\n"
+    )
+    config = CONFIGS / f"{experiment}.yaml"
+    with pytest.raises(SystemExit) as refusal:
+        main(["fit", "--config", str(config), "--config", str(old), *data_for(config, cifar_root, imagenet_root)])
+    assert str(refusal.value.code) == (
+        "error: MixBatch mixes images and their labels, after the normalisation: it is not one of "
+        "data.init_args.augmentations; move it to data.init_args.mixing (configs/presets/mixup.yaml shows how)"
+    )
+    assert not Path("logs").exists()

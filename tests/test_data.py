@@ -215,3 +215,34 @@ def test_batches_of_any_pickle_protocol_load(cifar_root, protocol):
         pickle.dump(entry, f, protocol=protocol)
     dm = make_cifar(cifar_root, val_size=50)
     assert len(dm.train_set) == 150
+
+
+def test_both_families_take_the_same_augmentations_and_mixing_and_apply_them_alike(cifar_root, imagenet_root):
+    from torchvision.transforms import v2
+
+    from resnet_lab.data import (
+        BatchTransforms,
+        EachImage,
+        ImageNetDataModule,
+        InceptionAugmentation,
+        MixBatch,
+        PadCropFlip,
+    )
+    from resnet_lab.data.augmentations import NO_AUGMENTATION
+
+    def stack() -> dict:
+        return dict(augmentations=[PadCropFlip(4), EachImage(v2.RandAugment())], mixing=MixBatch(v2.MixUp(alpha=1.0)))
+
+    cifar = make_cifar(cifar_root, val_size=50, normalization="imagenet", **stack())
+    # ImageNet's crops and flips in the workers, nothing of its recipe left for the device: only the stack.
+    imagenet = ImageNetDataModule(root=str(imagenet_root), batch_size=8, crop_size=32, val_resize=36, num_workers=0,
+                                  train_augmentation=InceptionAugmentation(), **stack())  # fmt: skip
+    imagenet.num_classes = 10  # as many classes as CIFAR's labels, for mixing the same labels
+    raw, labels, key = next(iter(cifar.train_dataloader()))
+    a, b = (dm.on_after_batch_transfer((raw, labels, key), 0) for dm in (cifar, imagenet))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].shape == (8, 10)
+    unmixed, _ = BatchTransforms(stack()["augmentations"], imagenet.normalize, 10)(raw, labels, key)
+    assert not torch.equal(a[0], unmixed)  # the mixing ran, after the same augmentations
+    # An evaluation batch is only normalised, by both.
+    a, b = (dm.on_after_batch_transfer((raw, labels, NO_AUGMENTATION), 0) for dm in (cifar, imagenet))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], labels)

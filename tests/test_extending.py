@@ -24,6 +24,10 @@ TINY = [
     "--data.batch_size", "16", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
     *QUIET,
 ]  # fmt: skip
+IMAGENET_SMALL = [
+    "--data.crop_size", "32", "--data.val_resize", "36", "--data.test_scales", "[32, 36]",
+    "--data.train_augmentation.init_args.scale_range", "[36, 48]", "--data.num_workers", "0",
+]  # fmt: skip
 
 
 def sections() -> dict[str, tuple[dict[str, str], list[str]]]:
@@ -81,16 +85,36 @@ def check_shortcut(run: Path) -> None:
 def check_augmentation(run: Path) -> None:
     from myfork.augment import Cutout  # the file the doc wrote
 
+    from resnet_lab.data import BatchTransforms, ImageNetDataModule, PaperAugmentation
+
     cutout = Cutout(8)
     images = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)
     out = cutout.apply(images, cutout.draw(4, torch.Generator().manual_seed(0)))
     zeros = (out == 0).flatten(1).sum(1)
     assert ((zeros > 0) & (zeros <= 3 * 8 * 8)).all()  # a square of at most 8 x 8 pixels in each image
-    cutout_run, augmix_run = sorted(run.parent.glob("version_*"))  # the two commands, in order
-    assert "myfork.augment.Cutout" in (cutout_run / "config.yaml").read_text()
+    cutout_run, augmix_run = sorted(run.parent.glob("version_*"))  # the CIFAR commands, in order
+    augmentations = yaml.safe_load((cutout_run / "config.yaml").read_text())["data"]["init_args"]["augmentations"]
+    assert [a["class_path"] for a in augmentations] == ["resnet_lab.data.PadCropFlip", "myfork.augment.Cutout"]
     augmentations = yaml.safe_load((augmix_run / "config.yaml").read_text())["data"]["init_args"]["augmentations"]
     assert [a["class_path"] for a in augmentations] == ["resnet_lab.data.PadCropFlip", "resnet_lab.data.EachImage"]
     assert augmentations[1]["init_args"]["transform"]["class_path"] == "torchvision.transforms.v2.AugMix"
+    # The same class on the ImageNet experiment, after the recipe's colour noise: a square of each image at 0 (the
+    # normalised black), the rest as the recipe alone makes it.
+    [imagenet_run] = Path("logs/resnet18_imagenette").glob("version_*")
+    assert checkpoint_of(imagenet_run)["global_step"] == 2
+    saved = yaml.safe_load((imagenet_run / "config.yaml").read_text())["data"]["init_args"]
+    assert [a["class_path"] for a in saved["augmentations"]] == ["myfork.augment.Cutout"]
+    built = {"augmentations": [Cutout(16)], "train_augmentation": PaperAugmentation((36, 48))}  # as the run built them
+    data = ImageNetDataModule(**{**saved, **built})
+    assert [type(a).__name__ for a in data.batch_transforms.augmentations] == ["PCALighting", "Cutout"]
+    data.setup("fit")
+    images, labels, _ = next(iter(data.train_dataloader()))
+    cut, _ = data.batch_transforms(images, labels, 3)
+    recipe, _ = BatchTransforms(data.data_augmentations(), data.normalize, data.num_classes)(images, labels, 3)
+    black = (0 - data.normalize.mean) / data.normalize.std
+    changed = (cut != recipe).any(dim=1)
+    assert changed.flatten(1).any(1).all() and torch.allclose(cut.permute(0, 2, 3, 1)[changed], black.flatten())
+    assert changed.flatten(1).sum(1).max() <= 16 * 16
 
 
 def check_schedule(run: Path) -> None:
@@ -155,8 +179,9 @@ def test_every_section_is_checked():
 
 
 @pytest.fixture
-def fork(tmp_path, cifar_root, monkeypatch):
-    """A fresh folder holding every file the doc shows, importable, with the small CIFAR as the data."""
+def fork(tmp_path, cifar_root, imagenet_root, monkeypatch):
+    """A fresh folder holding every file the doc shows, importable, with the small CIFAR (and beside it the small
+    ImageFolder tree, `$RESNET_LAB_DATA/imagenet`) as the data."""
     work = tmp_path / "fork"
     for files, _ in SECTIONS.values():
         for path, text in files.items():
@@ -200,8 +225,11 @@ def test_the_worked_example_runs_and_takes_effect(section, fork, monkeypatch):
         assert args[0] == "python"
         if args[1] == "main.py":
             args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("configs/") else a for a in args[2:]]
-            cifar = "myfork.data.NpzDataModule" not in args
-            main([*args, *TINY, *(["--data.val_size", "50"] if cifar else [])])
+            if any(a.endswith("imagenette.yaml") for a in args):
+                family = IMAGENET_SMALL
+            else:
+                family = ["--data.val_size", "50"] if "myfork.data.NpzDataModule" not in args else []
+            main([*args, *TINY, *family])
         else:
             monkeypatch.setattr(sys, "argv", args[1:])
             runpy.run_path(args[1], run_name="__main__")

@@ -6,14 +6,34 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import IMAGENETTE_WNIDS, quiet_trainer
+from conftest import CONFIGS, IMAGENETTE_WNIDS, QUIET, quiet_trainer, transformed
 from resnet_lab import CifarResNet, ImageClassifier
-from resnet_lab.data import ImageNetDataModule, InceptionAugmentation, PaperAugmentation
+from resnet_lab.data import (
+    BatchTransforms,
+    EachImage,
+    ImageNetDataModule,
+    InceptionAugmentation,
+    PaperAugmentation,
+    PCALighting,
+    TorchvisionRecipeAugmentation,
+)
+from resnet_lab.data.augmentations import KEYED_AT_TRANSFER
 from resnet_lab.data.ilsvrc_val import build_class_folders
 from resnet_lab.data.ilsvrc_val import main as ilsvrc_val_main
-from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD, imagenet_class_names, read_rgb
+from resnet_lab.data.imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_MEAN_PIXEL,
+    IMAGENET_STD,
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    MultiScaleViews,
+    TenCropViews,
+    imagenet_class_names,
+    read_rgb,
+)
 from resnet_lab.errors import DataError, DatasetNotFoundError
 
 SMALL = dict(batch_size=4, crop_size=32, train_augmentation=PaperAugmentation((36, 48)), val_resize=36, num_workers=0)
@@ -40,10 +60,8 @@ def test_folders_give_sorted_classes_names_and_labels(imagenet_root):
 def test_paper_augmentation_shapes_ranges_and_scale_range(imagenet_root):
     dm = datamodule(imagenet_root, train_augmentation=PaperAugmentation((36, 60)))
     image, label = dm.train_set[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 6
-    # Normalised [0, 1] pixels, shifted by at most a few hundredths of PCA lighting noise.
-    assert (image >= (0 - MEAN) / STD - 0.5).all() and (image <= (1 - MEAN) / STD + 0.5).all()
-    resize = dm.train_transform().transforms[0].transforms[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and 0 <= label < 6  # the workers' crop
+    resize = dm.train_transform().transforms[0]
     source = read_rgb(dm.train_set.samples[0][0])  # 40x48
     sides = {min(resize(source).shape[-2:]) for _ in range(400)}
     assert min(sides) >= 36 and max(sides) <= 60 and len(sides) > 15
@@ -53,8 +71,9 @@ def test_paper_augmentation_shapes_ranges_and_scale_range(imagenet_root):
 def test_inception_augmentation(imagenet_root):
     dm = datamodule(imagenet_root, train_augmentation=InceptionAugmentation((0.5, 0.5)))
     image, _ = dm.train_set[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    crop = dm.train_transform().transforms[0].transforms[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert dm.data_augmentations() == []  # nothing left for the device but the normalisation
+    crop = dm.train_transform().transforms[0]
     params = [crop.make_params([read_rgb(dm.train_set.samples[0][0])]) for _ in range(50)]
     areas = {round(p["height"] * p["width"] / (40 * 48), 1) for p in params}
     assert areas == {0.5}
@@ -62,8 +81,8 @@ def test_inception_augmentation(imagenet_root):
 
 def test_ten_crop_scores_are_the_average_of_the_ten_views(imagenet_root):
     dm = datamodule(imagenet_root, eval_mode="ten_crop")
-    images, labels = next(iter(dm.val_dataloader()))
-    assert images.shape == (4, 10, 3, 32, 32)
+    raw, images, labels = transformed(dm, dm.val_dataloader())[0]
+    assert raw.shape == images.shape == (4, 10, 3, 32, 32) and raw.dtype == torch.uint8
     model = ImageClassifier(CifarResNet(8, num_classes=6)).eval()
     with torch.no_grad():
         averaged = model.view_averaged_log_probs(images).exp()
@@ -77,7 +96,7 @@ def test_ten_crop_scores_are_the_average_of_the_ten_views(imagenet_root):
 
 def test_multi_scale_runs_whole_images_at_every_scale_and_flip(imagenet_root):
     dm = datamodule(imagenet_root, eval_mode="multi_scale", test_scales=(32, 40))
-    images, labels = next(iter(dm.val_dataloader()))
+    _, images, labels = transformed(dm, dm.val_dataloader())[0]
     assert len(images) == 4 and [tuple(v.shape) for v in images[0]] == [(3, 32, 38)] * 2 + [(3, 40, 48)] * 2
     model = ImageClassifier(CifarResNet(8, num_classes=6)).eval()
     with torch.no_grad():
@@ -193,8 +212,9 @@ def test_real_imagenette_subset(shared_data):
     dm.setup("fit")
     assert dm.num_classes == 10 and len(dm.train_set) == 1000 and len(dm.val_set) == 500
     assert dm.class_names[dm.classes.index("n03888257")] == "parachute, chute"
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (8, 3, 112, 112) and labels.max() < 10
+    images, labels, key = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 112, 112) and images.dtype == torch.uint8 and labels.max() < 10
+    assert key == KEYED_AT_TRANSFER
 
 
 def test_imagenette_config_fits_and_tests_in_every_mode(shared_data, tmp_path, monkeypatch):
@@ -236,3 +256,142 @@ def test_imagenette_config_fits_and_tests_in_every_mode(shared_data, tmp_path, m
     events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
     assert len(events.Scalars("test/err_top1")) == len(events.Scalars("test/err_top5")) == 3
     assert [set(t["metrics"]) >= {"test/err_top1", "test/err_top5"} for t in read_run_file(run)["tests"]] == [True] * 3
+
+
+def worker_normalised(dm: ImageNetDataModule) -> v2.Compose:
+    """The evaluation transform as the workers applied it before the normalisation moved to the device."""
+    to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if dm.eval_mode == "multi_scale":
+        return v2.Compose([MultiScaleViews(dm.test_scales), lambda views: [to_input(view) for view in views]])
+    crop = TenCropViews(dm.eval_crop_size) if dm.eval_mode == "ten_crop" else v2.CenterCrop(dm.eval_crop_size)
+    return v2.Compose([v2.Resize(dm.val_resize, antialias=True), crop, to_input])
+
+
+@pytest.mark.parametrize("mode", ["center", "ten_crop", "multi_scale"])
+def test_evaluation_on_the_device_gives_the_inputs_and_logits_of_the_worker_normalisation(shared_data, mode):
+    root = shared_data / "imagenette-mini"
+    if not root.is_dir():
+        pytest.skip("imagenette-mini not found beside the real CIFAR-10")
+    dm = ImageNetDataModule(root=str(root), batch_size=3, crop_size=48, val_resize=56, eval_mode=mode,
+                            test_scales=(48, 64), num_workers=0)  # fmt: skip
+    dm.setup("validate")
+    raw, images, labels = transformed(dm, dm.val_dataloader())[0]
+    before = worker_normalised(dm)
+    expected = [before(read_rgb(path)) for path, _ in dm.val_set.samples[:3]]
+    model = ImageClassifier(CifarResNet(8, num_classes=10)).eval()
+    with torch.no_grad():
+        if mode == "multi_scale":
+            assert all(v.dtype == torch.uint8 for views in raw for v in views)  # what the workers hand over
+            for views, old in zip(images, expected, strict=True):
+                assert all(torch.equal(v, o) for v, o in zip(views, old, strict=True))  # to the bit
+            logits = model.view_averaged_log_probs(images)
+            assert torch.equal(logits, model.view_averaged_log_probs(expected))
+        else:
+            assert raw.dtype == torch.uint8 and torch.equal(images, torch.stack(expected))
+            assert torch.equal(
+                model.view_averaged_log_probs(images), model.view_averaged_log_probs(torch.stack(expected))
+            )
+    assert torch.equal(labels, torch.tensor([label for _, label in dm.val_set.samples[:3]]))
+
+
+def test_the_paper_s_colour_noise_runs_on_the_device_with_alexnet_s_distribution(imagenet_root):
+    # The recipe's own part first, then the configured augmentations, the normalisation; no mixing.
+    stacked = datamodule(imagenet_root, augmentations=[EachImage(v2.RandomErasing(p=0.0))]).batch_transforms
+    assert [type(a) for a in stacked.augmentations] == [PCALighting, EachImage] and stacked.mixing is None
+    dm = datamodule(imagenet_root)
+    transforms = dm.batch_transforms
+    raw, labels, key = next(iter(dm.train_dataloader()))
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 32, 32) and key == KEYED_AT_TRANSFER
+    images, _ = transforms(raw, labels, 7)
+    # Each image is shifted by one colour, eigvec @ (alpha * eigval), alpha the image's draw from the batch's key.
+    alpha = PCALighting(0.1).draw(4, torch.Generator().manual_seed(7))
+    shift = (torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL)).T).T
+    expected = ((raw.float() / 255 + shift[:, :, None, None]) - MEAN) / STD
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)  # neither rounded nor clipped
+    # alpha ~ N(0, 0.1^2), independent per image and component.
+    alphas = PCALighting(0.1).draw(200_000, torch.Generator().manual_seed(0))
+    assert alphas.mean(0).abs().max() < 1e-3 and (alphas.std(0) - 0.1).abs().max() < 1e-3
+    assert torch.corrcoef(alphas.T).fill_diagonal_(0).abs().max() < 0.01
+    # Without colour noise the device only normalises the workers' crops.
+    plain = datamodule(imagenet_root, train_augmentation=PaperAugmentation((36, 48), lighting_std=0.0))
+    images, _ = plain.batch_transforms(raw, labels, 7)
+    normalised = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(TF.to_dtype(raw, torch.float32, scale=True))
+    assert plain.data_augmentations() == [] and torch.equal(images, normalised)  # torchvision's, to the bit
+
+
+def test_the_torchvision_recipe_erases_on_the_device_to_the_mean_pixel(imagenet_root):
+    dm = datamodule(imagenet_root, train_augmentation=TorchvisionRecipeAugmentation(erasing_p=0.1))
+    [erasing] = dm.data_augmentations()
+    assert isinstance(erasing, EachImage) and isinstance(erasing.transform, v2.RandomErasing)
+    gray = torch.full((800, 3, 32, 32), 200, dtype=torch.uint8)  # one flat image, 800 times
+    labels = torch.zeros(800, dtype=torch.long)
+    images, _ = BatchTransforms([erasing], dm.normalize, 6)(gray, labels, 11)
+    unerased, _ = BatchTransforms([], dm.normalize, 6)(gray, labels, 11)
+    erased = (images != unerased).any(dim=1)  # [800, 32, 32]: the erased pixels
+    count = int(erased.flatten(1).any(1).sum())
+    assert 55 <= count <= 105  # p = 0.1 per image: 80 expected (binomial std 8.5)
+    areas = erased.flatten(1).float().mean(1)[erased.flatten(1).any(1)]
+    assert areas.min() >= 0.015 and areas.max() <= 0.34  # torchvision's 2-33% of the image
+    # Erased to the mean: the normalised image is 0 there, within the rounding of the mean to a level.
+    pixels = images.permute(0, 2, 3, 1)[erased]
+    assert pixels.abs().max() < 0.01
+    assert torch.equal((pixels * STD[:, 0, 0] + MEAN[:, 0, 0]).mul(255).round()[0], torch.tensor(IMAGENET_MEAN_PIXEL))
+
+
+def test_the_same_seed_trains_the_same_imagenet_weights_and_an_old_run_folder_still_tests(imagenet_root, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    from resnet_lab.cli import main
+    from resnet_lab.paper.runs import Run
+
+    monkeypatch.chdir(tmp_path)
+    presets = ["--config", str(CONFIGS / "presets" / "trivialaugment.yaml"), "--config",
+               str(CONFIGS / "presets" / "cutmix.yaml")]  # fmt: skip
+    run = ["fit", "--config", str(CONFIGS / "resnet18_imagenette.yaml"), *presets, "--data.root", str(imagenet_root),
+           "--data.crop_size", "32", "--data.val_resize", "36", "--data.train_augmentation.init_args.scale_range",
+           "[36, 48]", "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "3",
+           "--trainer.limit_val_batches", "1", "--trainer.deterministic", "true", *QUIET]  # fmt: skip
+    for seed in (0, 0, 1):
+        main([*run, "--seed_everything", str(seed)])
+    runs = sorted((tmp_path / "logs" / "resnet18_imagenette").glob("version_*"))
+    weights = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for r in runs]
+    assert all(torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 for r in runs)
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not torch.equal(weights[0]["backbone.fc.weight"], weights[2]["backbone.fc.weight"])  # another seed
+
+    # A run folder saved before ImageNet took `augmentations`: its config has none, and still evaluates.
+    import yaml
+
+    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    del config["data"]["init_args"]["augmentations"]
+    (runs[0] / "config.yaml").write_text(yaml.safe_dump(config))
+    last = runs[0] / "checkpoints" / "last.ckpt"
+    main(["test", "--config", str(runs[0] / "config.yaml"), "--ckpt_path", str(last), "--trainer.limit_test_batches",
+          "1", *QUIET])  # fmt: skip
+    data = Run(runs[0]).datamodule()  # as the paper's figures build it, with no trainer
+    data.setup("test")
+    images, labels = data.on_after_batch_transfer(next(iter(data.test_dataloader())), 0)
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and labels.shape == (4,)
+    assert data.augmentations == [] and data.mixing is not None
+
+
+class KeyRecording(ImageNetDataModule):
+    """Keeps the key each training batch got at the transfer."""
+
+    def key_at_transfer(self) -> int:
+        self.keys.append(super().key_at_transfer())
+        return self.keys[-1]
+
+
+def test_training_batches_are_keyed_by_iteration_and_each_accumulated_micro_batch_by_its_own(imagenet_root, tmp_path):
+    import lightning as L
+
+    from resnet_lab.data.augmentations import batch_key
+
+    L.seed_everything(3)
+    dm = KeyRecording(root=str(imagenet_root), **SMALL)
+    dm.keys = []
+    model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=torch.optim.SGD)
+    trainer = quiet_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    # 24 images in batches of 4: 6 batches, 3 iterations of 2 micro-batches, in epoch 0.
+    assert dm.keys == [batch_key(3, 0, i) for i in range(6)]

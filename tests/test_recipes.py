@@ -186,10 +186,10 @@ def test_mixing_gives_convex_combinations_of_neighbours_with_matching_soft_label
 
     cli = ResNetLabCLI(args=experiment(cifar_root, preset), run=False)
     data = cli.datamodule
+    assert isinstance(data.mixing, MixBatch) and [type(a).__name__ for a in data.augmentations] == ["PadCropFlip"]
     data.setup("fit")
     raw, labels, key = next(iter(data.train_dataloader()))
-    unmixed = [a for a in data.augmentations if not isinstance(a, MixBatch)]
-    before, _ = BatchTransforms(unmixed, data.normalize, 10)(raw, labels, key)  # the same draws, not mixed
+    before, _ = BatchTransforms(data.augmentations, data.normalize, 10)(raw, labels, key)  # the same draws, not mixed
     images, soft = data.on_after_batch_transfer((raw, labels, key), 0)
     assert soft.shape == (16, 10) and torch.allclose(soft.sum(dim=1), torch.ones(16))
     neighbour = before.roll(1, 0)
@@ -304,10 +304,11 @@ def test_the_presets_stacked_wait_on_the_device_only_where_the_loggers_write(cif
 def test_the_augmentation_and_mixing_presets_never_read_a_value_of_the_batch(cifar_root, preset):
     """Applied to a batch on PyTorch's meta device (shapes without values: reading one raises), each runs through:
     its random choices are drawn and read on the host alone, so on a GPU no image waits for the device."""
-    augmentation = ResNetLabCLI(args=experiment(cifar_root, preset), run=False).datamodule.augmentations[-1]
+    data = ResNetLabCLI(args=experiment(cifar_root, preset), run=False).datamodule
+    augmentation = data.mixing or data.augmentations[-1]
     images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
     draws = augmentation.draw(16, torch.Generator().manual_seed(0))
-    if hasattr(augmentation, "mix"):
+    if augmentation is data.mixing:
         labels = torch.empty(16, dtype=torch.long, device="meta")
         mixed, soft = augmentation.mix(images.float(), labels, draws, 10)
         assert mixed.shape == (16, 3, 32, 32) and soft.shape == (16, 10)

@@ -1,18 +1,13 @@
+from resnet_lab.data.augmentations import BatchAugmentation, BatchTransforms, EachImage, MixBatch, PadCropFlip
 from resnet_lab.data.base import DATA_ENV, ClassificationDataModule
-from resnet_lab.data.batches import (
-    BatchAugmentation,
-    BatchTransforms,
-    EachImage,
-    InMemoryDataModule,
-    MixBatch,
-    PadCropFlip,
-)
+from resnet_lab.data.batches import InMemoryDataModule
 from resnet_lab.data.cifar import CIFAR10DataModule, CIFAR100DataModule, load_cifar_batches
 from resnet_lab.data.imagenet import (
     ImageAugmentation,
     ImageNetDataModule,
     InceptionAugmentation,
     PaperAugmentation,
+    PCALighting,
     TorchvisionRecipeAugmentation,
 )
 from resnet_lab.data.synthetic import SyntheticDataModule
@@ -26,6 +21,7 @@ __all__ = [
     "MixBatch",
     "PadCropFlip",
     "PaperAugmentation",
+    "PCALighting",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassificationDataModule",

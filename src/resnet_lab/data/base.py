@@ -1,14 +1,24 @@
-"""What every data module here shares: where data lives, in-memory image datasets, and the loaders."""
+"""What every data module here shares: where data lives, the loaders, and the batches' augmentation on the device."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from resnet_lab.data.augmentations import (
+    KEYED_AT_TRANSFER,
+    BatchAugmentation,
+    BatchTransforms,
+    MixBatch,
+    Standardize,
+    batch_key,
+    checked_augmentations,
+)
 from resnet_lab.errors import ConfigError
 
 DATA_ENV = "RESNET_LAB_DATA"
@@ -26,18 +36,6 @@ def run_seed() -> int:
 
 def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
-
-
-class Standardize(nn.Module):
-    """(x - mean) / std with broadcasting, so `mean` can be a per-pixel image (the paper's CIFAR input)."""
-
-    def __init__(self, mean: Tensor, std: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("std", std.float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 def fit_standardize(images: Tensor, per_pixel: bool) -> Standardize:
@@ -90,17 +88,30 @@ class RepeatedAugmentationSampler(DistributedSampler):
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Builds the loaders from `train_set`, `val_set` and `test_set`, which subclasses fill in `setup`.
+    """Builds the loaders from `train_set`, `val_set` and `test_set`, which subclasses fill in `setup`, and
+    transforms every batch once it is on the device (`on_after_batch_transfer`): the loaders hand over uint8 images,
+    their labels and the batch's key; `BatchTransforms` applies the data's own augmentations
+    (`data_augmentations`, e.g. ImageNet's PCA colour noise), then `augmentations`, then the normalisation
+    (`normalize`, which subclasses set), then `mixing`.
 
     Args:
         batch_size: the global batch, split evenly over all processes (devices x nodes).
         num_workers: loader processes; None follows the machine.
+        augmentations: applied in order to every training batch, on the device.
+        mixing: mixes every training batch and its labels after the normalisation (`MixBatch`); None for none.
     """
 
     num_classes: int
     input_size: int  # height and width of the training images
+    normalize: Standardize
 
-    def __init__(self, batch_size: int, num_workers: int | None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int | None,
+        augmentations: Sequence[BatchAugmentation] = (),
+        mixing: MixBatch | None = None,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -111,9 +122,53 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.augmentations = checked_augmentations(augmentations)
+        self.mixing = mixing
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._transforms: BatchTransforms | None = None
+        self._last_transfer = (-1, -1, 0)  # (epoch, global step, batches keyed at it): see `key_at_transfer`
+
+    def data_augmentations(self) -> list[BatchAugmentation]:
+        """Augmentations the data module itself brings, applied before `augmentations`; none by default."""
+        return []
+
+    @property
+    def batch_transforms(self) -> BatchTransforms:
+        """What `on_after_batch_transfer` applies; built once `normalize` is known (in `setup`, for most)."""
+        if self._transforms is None or self._transforms.normalize is not self.normalize:
+            augmentations = [*self.data_augmentations(), *self.augmentations]
+            self._transforms = BatchTransforms(augmentations, self.normalize, self.num_classes, self.mixing)
+        return self._transforms
+
+    def key_at_transfer(self) -> int:
+        """The key of a training batch whose loader could not know it (`KEYED_AT_TRANSFER`): from (the run's seed,
+        epoch, iteration), and the micro-batch within an iteration that accumulates gradients.
+
+        The same under data parallelism, and after a resume at an iteration's end; but the DataLoader path does not
+        yet resume mid-epoch with the very images it would have had (a new epoch's order restarts): that is issue 24.
+        """
+        trainer = self.trainer
+        epoch, step = (trainer.current_epoch, trainer.global_step) if trainer is not None else (0, 0)
+        last_epoch, last_step, count = self._last_transfer
+        count = count + 1 if (last_epoch, last_step) == (epoch, step) else 0
+        self._last_transfer = (epoch, step, count)
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return batch_key(run_seed(), epoch, step * accumulate + count)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning also passes the model's example input through here (for the graph and the summary): only this
+        # module's own (uint8 images, labels, key) batches are transformed.
+        if not (isinstance(batch, tuple | list) and len(batch) == 3 and isinstance(batch[2], int)):
+            return batch
+        images, labels, key = batch
+        if key == KEYED_AT_TRANSFER:
+            key = self.key_at_transfer()
+        images, labels = self.batch_transforms(images, labels, key, *self._share())
+        # Lightning converts a batch to the precision's input type (64-true, bf16-true, ...) before this hook, when
+        # these images were still uint8.
+        return self.trainer.precision_plugin.convert_input((images, labels)) if self.trainer else (images, labels)
 
     @property
     def process_batch_size(self) -> int:
@@ -130,8 +185,8 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         return self.batch_size // processes
 
-    def eval_collate_fn(self) -> Callable | None:
-        """How evaluation samples form a batch; None stacks them."""
+    def collate_fn(self, train: bool) -> Callable | None:
+        """How a loader's samples form a batch; None stacks them."""
         return None
 
     def _share(self) -> tuple[int, int]:
@@ -156,7 +211,7 @@ class ClassificationDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,
-            collate_fn=None if train else self.eval_collate_fn(),
+            collate_fn=self.collate_fn(train),
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -1,191 +1,33 @@
-"""In-memory image splits, batched by a seeded order and augmented a whole batch at a time, in one place.
+"""In-memory image splits, batched by a seeded order, for data that fits in memory as uint8 tensors.
 
 On a GPU a ResNet-20 step takes well under a millisecond of compute, so a loader that crops and flips one image
 at a time in worker processes, then copies every batch over PCIe, is what limits training. Here each split is
 a uint8 tensor; each epoch is one seeded permutation; a batch is a slice of it. Both loaders (the split on the
 training device, or in host memory behind a DataLoader) hand over uint8 images with the batch's key, and the data
-module's `on_after_batch_transfer` applies `BatchTransforms` on the device: the augmentations named in the config,
-then the normalisation. An augmentation is one class with `draw` and `apply`.
+module's `on_after_batch_transfer` augments and normalises them on the device (`resnet_lab.data.augmentations`).
 
-The draws for batch i of epoch e come from one generator seeded with (seed, e, i), for every image of the global
-batch; each process applies its share. So a run resumed mid-epoch continues with the very batches it would have
-had, and N processes together see exactly what one process with the global batch would.
+The key of batch i of epoch e is (seed, e, i): a run resumed mid-epoch continues with the very batches it would have
+had, augmented alike, and N processes together see exactly what one process with the global batch would.
 """
 
-import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from resnet_lab.data.base import ClassificationDataModule, Standardize, run_seed
-
-NO_AUGMENTATION = -1  # the key of an evaluation batch
-
-
-class BatchAugmentation(nn.Module):
-    """A random transform of a batch of images [B, C, H, W], its randomness drawn first for every image.
-
-    `draw(n, generator)` returns the draws of n images, one row each (on the generator's device); `apply(images,
-    draws)` transforms images with their rows. The data module draws for the global batch and applies each
-    process's share, so subclasses need nothing else to be exactly resumable and the same under data parallelism.
-    """
-
-    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        raise NotImplementedError
-
-    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-def random_crop_flip(images: Tensor, padding: int, draws: Tensor) -> Tensor:
-    """Zero-pad each image of [B, C, H, W] by `padding`, take the HxW window at its drawn offsets (`draws[:, 0:2]`),
-    mirror the ones drawn for it (`draws[:, 2]`)."""
-    batch, channels, height, width = images.shape
-    device = images.device
-    dy, dx, flip = draws.to(device).unbind(dim=1)
-    padded = F.pad(images, (padding,) * 4)
-    rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
-    crops = padded.gather(2, rows.expand(batch, channels, height, width + 2 * padding))
-    crops = crops.gather(3, cols.expand(batch, channels, height, width))
-    return torch.where(flip.bool()[:, None, None, None], crops.flip(3), crops)
-
-
-class PadCropFlip(BatchAugmentation):
-    """The paper's CIFAR augmentation (Sec. 4.2): zero-pad by `padding`, a random window of the original size, a
-    horizontal flip with probability 1/2; per image the same distribution as torchvision's
-    `RandomCrop(size, padding) + RandomHorizontalFlip()`.
-
-    Args:
-        padding: pixels of zeros on each side before cropping (4 in the paper).
-    """
-
-    def __init__(self, padding: int = 4) -> None:
-        super().__init__()
-        self.padding = padding
-
-    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """[batch_size, 3]: each image's window offsets (rows, columns) and whether it is mirrored."""
-        device = generator.device
-        offsets = torch.randint(0, 2 * self.padding + 1, (2, batch_size), device=device, generator=generator)
-        flips = torch.randint(0, 2, (1, batch_size), device=device, generator=generator)
-        return torch.cat((offsets, flips)).T
-
-    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        return random_crop_flip(images, self.padding, draws)
-
-
-class EachImage(BatchAugmentation):
-    """A torchvision transform of one image, applied to every image of the batch on its own, as torchvision's
-    references apply it (`RandAugment`, `TrivialAugmentWide`, `AutoAugment`, `RandomErasing`, ...): given the whole
-    batch, these draw one random operation for all of its images.
-
-    The transform draws its randomness from torch's global generator; each image gets a seed of its own from the
-    batch's key, so what it becomes depends only on (seed, epoch, batch, image), like every augmentation here: a run
-    resumed mid-epoch, or split over processes, sees the very same images. The seeds are drawn on the host (the
-    key is known there), so no iteration waits for the device; the transforms themselves draw on the host too.
-
-    Args:
-        transform: a `torchvision.transforms.v2` transform of one uint8 image [C, H, W].
-    """
-
-    def __init__(self, transform: nn.Module) -> None:
-        super().__init__()
-        self.transform = transform
-        # Two such augmentations in one pipeline must not share their seeds.
-        self.salt = zlib.crc32(repr(transform).encode())
-
-    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """[batch_size, 1]: each image's seed, on the host."""
-        host = torch.Generator().manual_seed((generator.initial_seed() + self.salt) % 2**63)
-        return torch.randint(0, 2**62, (batch_size, 1), generator=host)
-
-    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        out = torch.empty_like(images)
-        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-            for i, seed in enumerate(draws[:, 0].tolist()):
-                torch.manual_seed(seed)
-                out[i] = self.transform(images[i])
-        return out
-
-
-class MixBatch(BatchAugmentation):
-    """A torchvision transform that mixes the images of a batch and their labels: `MixUp`, `CutMix`, or a
-    `RandomChoice` of them. The labels become class probabilities, which the training loss takes as they are; the
-    logged training error counts an image right when its top logit is the label of the larger weight.
-
-    `BatchTransforms` applies it after the other augmentations and the normalisation: a convex combination of
-    images, or a pasted rectangle, normalises to the same combination of the normalised images, and torchvision's
-    mixing wants float images. Its draws (lambda, CutMix's box) are one per global batch, from the batch's key; each
-    process mixes its own share, each image with the one before it, as torchvision's references do under data
-    parallelism.
-
-    Args:
-        transform: e.g. `torchvision.transforms.v2.MixUp` with `alpha: 0.2`, or `CutMix` with `alpha: 1.0`.
-    """
-
-    def __init__(self, transform: nn.Module) -> None:
-        super().__init__()
-        self.transform = transform
-        self.salt = zlib.crc32(repr(transform).encode())
-
-    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
-        """[batch_size, 1]: the batch's seed, in every row (each process takes a share of the rows)."""
-        return torch.full((batch_size, 1), (generator.initial_seed() + self.salt) % 2**62)
-
-    def mix(self, images: Tensor, labels: Tensor, draws: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-        """Float images [B, C, H, W] and labels [B] (or probabilities [B, classes]) of one share, mixed."""
-        if labels.ndim == 1:
-            labels = F.one_hot(labels, num_classes).to(images.dtype)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws on the host, from the global generator
-            torch.manual_seed(int(draws[0, 0]) if len(draws) else 0)
-            return self.transform(images, labels)
-
-
-def batch_key(seed: int, epoch: int, index: int) -> int:
-    """One seed per (seed, epoch, batch), by arithmetic: the same on every platform, no state to replay."""
-    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
-
-
-class BatchTransforms(nn.Module):
-    """The one place a CIFAR-style batch is transformed: each augmentation in order (training batches only), then
-    the normalisation of the [0, 1] float images, then any `MixBatch` (which mixes the labels too).
-
-    Args:
-        augmentations: applied in order to training batches.
-        normalize: applied to every batch.
-        num_classes: the labels' classes, for mixing them.
-    """
-
-    def __init__(self, augmentations: Sequence[BatchAugmentation], normalize: Standardize, num_classes: int) -> None:
-        super().__init__()
-        self.augmentations = nn.ModuleList(augmentations)
-        self.normalize = normalize
-        self.num_classes = num_classes
-
-    def forward(
-        self, images: Tensor, labels: Tensor, key: int, rank: int = 0, world_size: int = 1
-    ) -> tuple[Tensor, Tensor]:
-        """`images`, `labels`: this process's uint8 share of a global batch, whose images are `rank::world_size`."""
-        mixes = []
-        if key != NO_AUGMENTATION and len(self.augmentations):
-            generator = torch.Generator(device=images.device).manual_seed(key)
-            for augmentation in self.augmentations:
-                draws = augmentation.draw(len(images) * world_size, generator)[rank::world_size]
-                if isinstance(augmentation, MixBatch):
-                    mixes.append((augmentation, draws))
-                else:
-                    images = augmentation.apply(images, draws)
-        if self.normalize.mean.device != images.device:
-            self.normalize.to(images.device)
-        images = self.normalize(images.float().div_(255))
-        for mix, draws in mixes:
-            images, labels = mix.mix(images, labels, draws, self.num_classes)
-        return images, labels
+# The augmentation protocol lived here before it served every data module; these names still import from here.
+from resnet_lab.data.augmentations import (  # noqa: F401
+    NO_AUGMENTATION,
+    BatchAugmentation,
+    BatchTransforms,
+    EachImage,
+    MixBatch,
+    PadCropFlip,
+    batch_key,
+    random_crop_flip,
+)
+from resnet_lab.data.base import ClassificationDataModule, run_seed
 
 
 class BatchOrder(DistributedSampler):
@@ -333,9 +175,8 @@ class InMemoryDataModule(ClassificationDataModule):
         loader: "device" keeps each split on the training device; "dataloader" keeps it in host memory and copies
             each batch over. Both give the same batches (on the same device) and the same augmentation.
         seed: base seed of the shuffle and the augmentation draws; None follows the run's `seed_everything`.
+        mixing: mixes every training batch and its labels after the normalisation; None for none.
     """
-
-    normalize: Standardize
 
     def __init__(
         self,
@@ -344,23 +185,16 @@ class InMemoryDataModule(ClassificationDataModule):
         augmentations: Sequence[BatchAugmentation],
         loader: str = "device",
         seed: int | None = None,
+        mixing: MixBatch | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        self.augmentations = list(augmentations)
+        super().__init__(batch_size, num_workers, augmentations, mixing)
         self.loader = loader
         self.seed = seed
-        self._transforms: BatchTransforms | None = None
 
     @property
     def data_seed(self) -> int:
         """`seed`, or the run's seed (`run_seed`)."""
         return self.seed if self.seed is not None else run_seed()
-
-    @property
-    def batch_transforms(self) -> BatchTransforms:
-        if self._transforms is None or self._transforms.normalize is not self.normalize:
-            self._transforms = BatchTransforms(self.augmentations, self.normalize, self.num_classes)
-        return self._transforms
 
     def _loader(self, split: ImageSplit | None, train: bool) -> DeviceBatches | DataLoader:
         if split is None:
@@ -372,14 +206,3 @@ class InMemoryDataModule(ClassificationDataModule):
         if on_device:
             return DeviceBatches(split.images.to(device), split.labels.to(device), order)
         return dataloader_batches(split, order, self.num_workers)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Lightning also passes the model's example input through here (for the graph and the summary): only this
-        # module's own (uint8 images, labels, key) batches are transformed.
-        if not (isinstance(batch, tuple | list) and len(batch) == 3 and isinstance(batch[2], int)):
-            return batch
-        images, labels, key = batch
-        images, labels = self.batch_transforms(images, labels, key, *self._share())
-        # Lightning converts a batch to the precision's input type (64-true, bf16-true, ...) before this hook, when
-        # these images were still uint8.
-        return self.trainer.precision_plugin.convert_input((images, labels)) if self.trainer else (images, labels)

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from torchvision import datasets
 
-from resnet_lab.data.base import DATA_ENV, Standardize, fit_standardize, resolve_root, split_indices
-from resnet_lab.data.batches import BatchAugmentation, ImageSplit, InMemoryDataModule, PadCropFlip
-from resnet_lab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from resnet_lab.data.augmentations import BatchAugmentation, MixBatch, PadCropFlip
+from resnet_lab.data.base import DATA_ENV, fit_standardize, resolve_root, split_indices
+from resnet_lab.data.batches import ImageSplit, InMemoryDataModule
+from resnet_lab.data.imagenet import imagenet_standardize
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 # What a CIFAR batch file needs: numpy arrays and their dtypes (old and new numpy module names), and the byte
@@ -107,8 +108,8 @@ class CIFAR10DataModule(InMemoryDataModule):
         normalization: "pixel_mean" subtracts the per-pixel mean image of the train split (the paper);
             "channel" subtracts the per-channel mean and divides by the per-channel std of the train split;
             "imagenet" uses the fixed ImageNet mean and std, as the published option-A CIFAR weights expect.
-        augmentations: applied in order to every training batch, on the device (`resnet_lab.data.batches`); None:
-            the paper's, `PadCropFlip(4)` (pad 4, random 32x32 crop, horizontal flip); [] for none.
+        augmentations: applied in order to every training batch, on the device (`resnet_lab.data.augmentations`);
+            None: the paper's, `PadCropFlip(4)` (pad 4, random 32x32 crop, horizontal flip); [] for none.
         num_workers: loader processes; None follows the machine.
         download: fetch the dataset with torchvision when the folder is missing.
         test_range: [start, stop) of the test images to use; None: all. (A re-packed test set whose later
@@ -119,6 +120,8 @@ class CIFAR10DataModule(InMemoryDataModule):
         seed: base seed of the per-epoch shuffle and the augmentation draws; None (the default) follows
             the run's `seed_everything`, so runs of different seeds differ in training order and augmentation
             as well as in their initial weights (the split stays fixed by `split_seed`).
+        mixing: mixes every training batch and its labels after the normalisation (`MixBatch` of torchvision's
+            `MixUp` or `CutMix`: configs/presets/mixup.yaml, cutmix.yaml), one draw per global batch; None for none.
     """
 
     folder = "cifar-10-batches-py"
@@ -142,9 +145,10 @@ class CIFAR10DataModule(InMemoryDataModule):
         test_range: tuple[int, int] | None = None,
         loader: Literal["device", "dataloader"] = "device",
         seed: int | None = None,
+        mixing: MixBatch | None = None,
     ) -> None:
         augmentations = [PadCropFlip(4)] if augmentations is None else augmentations
-        super().__init__(batch_size, num_workers, augmentations, loader, seed)
+        super().__init__(batch_size, num_workers, augmentations, loader, seed, mixing)
         self.root = resolve_root(root)
         if self.root.is_file():
             raise ConfigError(f"--data.root {self.root} is a file: give the folder that holds {self.folder}/")
@@ -191,9 +195,7 @@ class CIFAR10DataModule(InMemoryDataModule):
         images, labels = load_cifar_batches(self.data_dir, self.train_files, self.label_key, self.num_classes)
         train_idx, val_idx = split_indices(len(labels), self.val_size, self.split_seed)
         if self.normalization == "imagenet":
-            normalize = Standardize(
-                torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-            )
+            normalize = imagenet_standardize()
         else:
             normalize = fit_standardize(images[train_idx], per_pixel=self.normalization == "pixel_mean")
         self.train_set = ImageSplit(images[train_idx], labels[train_idx])

@@ -8,24 +8,34 @@ from copy import deepcopy
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from resnet_lab.data.augmentations import (
+    KEYED_AT_TRANSFER,
+    NO_AUGMENTATION,
+    BatchAugmentation,
+    EachImage,
+    MixBatch,
+    Standardize,
+)
 from resnet_lab.data.base import ClassificationDataModule, RepeatedAugmentationSampler, resolve_root, run_seed
-from resnet_lab.data.batches import MixBatch, batch_key
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The mean pixel on the 0-255 scale, rounded: what uint8 images are erased to where torchvision erases the normalised
+# image to 0 (within half a level of the mean).
+IMAGENET_MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 # Principal components of ImageNet RGB pixels for AlexNet's colour augmentation (the values fb.resnet.torch uses).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
@@ -36,6 +46,11 @@ LAYOUT_HELP = (
     "ILSVRC validation folder run `python -m resnet_lab.data.ilsvrc_val` first)"
 )
 EvalMode = Literal["center", "ten_crop", "multi_scale"]
+
+
+def imagenet_standardize() -> Standardize:
+    """The normalisation by ImageNet's channel mean and std."""
+    return Standardize(torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None])
 
 
 @cache
@@ -53,8 +68,17 @@ def read_rgb(path: str) -> Tensor:
         return decode_image(path, mode=ImageReadMode.RGB)
 
 
-class PCALighting(nn.Module):
-    """AlexNet's colour augmentation: add eigvec @ (alpha * eigval) to every pixel, alpha ~ N(0, std^2)."""
+class PCALighting(BatchAugmentation):
+    """AlexNet's colour augmentation, per image: add eigvec @ (alpha * eigval) to every pixel (of [0, 1] pixels),
+    alpha ~ N(0, std^2) in each of the 3 components, drawn per image.
+
+    The shift is not a whole number of levels (its std is about 3 of the 255 levels at `std` 0.1), so the images
+    become float on the 0-255 scale, neither rounded nor clipped: the very pixels of adding it to the [0, 1] image
+    (AlexNet and fb.resnet.torch clip nothing either).
+
+    Args:
+        std: std of alpha (0.1 in AlexNet and the paper).
+    """
 
     def __init__(self, std: float = 0.1) -> None:
         super().__init__()
@@ -62,28 +86,35 @@ class PCALighting(nn.Module):
         self.register_buffer("eigval", torch.tensor(PCA_EIGVAL))
         self.register_buffer("eigvec", torch.tensor(PCA_EIGVEC))
 
-    def forward(self, x: Tensor) -> Tensor:
-        alpha = torch.randn(3) * self.std
-        return x + (self.eigvec @ (alpha * self.eigval))[:, None, None]
+    def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """[batch_size, 3]: each image's alpha."""
+        return torch.randn(batch_size, 3, device=generator.device, generator=generator) * self.std
+
+    def apply(self, images: Tensor, draws: Tensor) -> Tensor:
+        eigval, eigvec = self.eigval.to(images.device), self.eigvec.to(images.device)
+        shift = (draws.to(images.device) * eigval) @ eigvec.T  # [B, 3]: eigvec @ (alpha * eigval) for each image
+        return images.float() + 255 * shift[:, :, None, None]
 
 
 class ImageAugmentation:
-    """A per-image training augmentation of the ImageFolder data modules, applied in DataLoader workers: `build`
-    returns the transform from a decoded uint8 image [3, H, W] to float [0, 1] pixels [3, crop_size, crop_size];
-    the data module normalises after it. A new one is one subclass, named in the config as
-    `data.train_augmentation`."""
+    """An ImageFolder data module's training augmentation, in two parts: `build(crop_size)` returns the per-image
+    "loader transform" that DataLoader workers apply to each decoded uint8 image [3, H, W], giving a uint8 crop
+    [3, crop_size, crop_size] (the random scale, crop and flip, and whatever only works one image at a time);
+    `batch_augmentations()` returns what is done to the whole batch on the device after the transfer, before the
+    data module's `augmentations`, its normalisation and its mixing. A new one is one subclass, named in the config
+    as `data.train_augmentation`."""
 
     def build(self, crop_size: int) -> nn.Module:
         raise NotImplementedError
 
-    def after_normalization(self) -> list[nn.Module]:
-        """Transforms of the normalised image (random erasing, which erases to the mean there); none by default."""
+    def batch_augmentations(self) -> list[BatchAugmentation]:
+        """This augmentation's part on the device, for the whole batch; none by default."""
         return []
 
 
 class PaperAugmentation(ImageAugmentation):
     """The paper's ImageNet augmentation (Sec. 3.4): the shorter side resized to a random size in `scale_range`, a
-    random `crop_size` crop or its mirror, AlexNet's PCA colour noise.
+    random `crop_size` crop or its mirror (in the workers), AlexNet's PCA colour noise (on the device).
 
     Args:
         scale_range: the shorter side's range (256-480 in the paper; lower it with `crop_size` for cheaper runs).
@@ -105,15 +136,16 @@ class PaperAugmentation(ImageAugmentation):
                 v2.RandomShortestSize(list(range(low, high + 1)), antialias=True),
                 v2.RandomCrop(crop_size),
                 v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-                PCALighting(self.lighting_std),
             ]
         )
+
+    def batch_augmentations(self) -> list[BatchAugmentation]:
+        return [PCALighting(self.lighting_std)] if self.lighting_std > 0 else []
 
 
 class InceptionAugmentation(ImageAugmentation):
     """Inception-style crops, the modern default: a random crop of `area_range` of the image and an aspect ratio in
-    [3/4, 4/3], resized to `crop_size`, and a horizontal flip.
+    [3/4, 4/3], resized to `crop_size`, and a horizontal flip (all in the workers).
 
     Args:
         area_range: the crop's share of the image's area.
@@ -124,18 +156,14 @@ class InceptionAugmentation(ImageAugmentation):
 
     def build(self, crop_size: int) -> nn.Module:
         return v2.Compose(
-            [
-                v2.RandomResizedCrop(crop_size, scale=self.area_range, antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
+            [v2.RandomResizedCrop(crop_size, scale=self.area_range, antialias=True), v2.RandomHorizontalFlip()]
         )
 
 
 class TorchvisionRecipeAugmentation(ImageAugmentation):
     """The training transform of torchvision's classification references (ResNet-50 IMAGENET1K_V2): a random
-    resized crop and a flip, TrivialAugmentWide, both with bilinear interpolation, and after the normalisation a
-    random erasing with probability `erasing_p`.
+    resized crop and a flip, TrivialAugmentWide, both with bilinear interpolation (in the workers: TrivialAugment
+    is per image and too slow on the device), and a random erasing with probability `erasing_p` (on the device).
 
     Args:
         area_range: the crop's share of the image's area.
@@ -158,10 +186,14 @@ class TorchvisionRecipeAugmentation(ImageAugmentation):
         ]
         if self.trivial_augment:
             steps.append(v2.TrivialAugmentWide(interpolation=bilinear))
-        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+        return v2.Compose(steps)
 
-    def after_normalization(self) -> list[nn.Module]:
-        return [v2.RandomErasing(p=self.erasing_p)] if self.erasing_p > 0 else []
+    def batch_augmentations(self) -> list[BatchAugmentation]:
+        # torchvision erases the normalised image to 0, i.e. to the mean; here the uint8 image is erased to the mean
+        # pixel rounded to a level (at most half a level off), with torchvision's own RandomErasing and its
+        # distribution of rectangles, each image drawing its own.
+        erasing = v2.RandomErasing(p=self.erasing_p, value=list(IMAGENET_MEAN_PIXEL))
+        return [EachImage(erasing)] if self.erasing_p > 0 else []
 
 
 class TenCropViews(nn.Module):
@@ -190,19 +222,18 @@ class MultiScaleViews(nn.Module):
         return views
 
 
-class EachView(nn.Module):
-    """Apply a transform to every tensor of a list (views of different sizes cannot be stacked)."""
-
-    def __init__(self, transform: nn.Module) -> None:
-        super().__init__()
-        self.transform = transform
-
-    def forward(self, views: list[Tensor]) -> list[Tensor]:
-        return [self.transform(view) for view in views]
+def collate_training(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
+    # Workers cannot know which batch of the run they make: the data module keys the batch at the transfer.
+    return (*default_collate(samples), KEYED_AT_TRANSFER)
 
 
-def collate_view_lists(batch: list[tuple[list[Tensor], int]]) -> tuple[list[list[Tensor]], Tensor]:
-    return [views for views, _ in batch], torch.tensor([label for _, label in batch])
+def collate_evaluation(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
+    return (*default_collate(samples), NO_AUGMENTATION)
+
+
+def collate_view_lists(samples: list[tuple[list[Tensor], int]]) -> tuple[list[list[Tensor]], Tensor, int]:
+    """Whole images at several scales differ in size: such a batch holds one list of views per image."""
+    return [views for views, _ in samples], torch.tensor([label for _, label in samples]), NO_AUGMENTATION
 
 
 class ImageFolderDataset(ImageFolder):
@@ -258,8 +289,9 @@ class ImageNetDataModule(ClassificationDataModule):
     Args:
         root: folder holding `train/` and `val/`; default `$RESNET_LAB_DATA/imagenet`, else `./data/imagenet`.
         batch_size: the global batch (the paper's 256), split evenly over all devices and nodes.
-        train_augmentation: the per-image training augmentation; None: the paper's (`PaperAugmentation`, shorter
-            side 256-480, random crop, flip, PCA colour noise); `InceptionAugmentation` for RandomResizedCrop.
+        train_augmentation: the recipe's training augmentation (`ImageAugmentation`): its per-image part in the
+            workers, its batch part on the device; None: the paper's (`PaperAugmentation`, shorter side 256-480,
+            random crop, flip, PCA colour noise); `InceptionAugmentation` for RandomResizedCrop.
         crop_size: training and evaluation crop (224 in the paper; smaller makes research runs cheaper).
         eval_crop_size: the evaluation crop, if another (torchvision's recipe trains at 176 and evaluates at 224).
         val_resize: shorter side before the centre crop or the ten crops.
@@ -269,10 +301,16 @@ class ImageNetDataModule(ClassificationDataModule):
         test_scales: shorter sides of the "multi_scale" mode.
         skip_corrupt: replace unreadable images by the next readable one and report how many, instead of stopping.
         num_workers: decoding processes; None follows the machine.
-        mixing: mixes every training batch and its labels after the transfer (`MixBatch` with mixup, cutmix or a
-            `RandomChoice` of both), one draw per iteration from (seed, epoch, iteration); None for none.
+        augmentations: applied in order to every training batch on the device, after `train_augmentation`'s own
+            (the same `BatchAugmentation`s as CIFAR's, e.g. the presets' `EachImage`); None or [] for none.
+        mixing: mixes every training batch and its labels after the normalisation (`MixBatch` with mixup, cutmix
+            or a `RandomChoice` of both), one draw per iteration from (seed, epoch, iteration); None for none.
         repeated_augmentations: copies of each image per epoch, dealt out over the processes
             (`RepeatedAugmentationSampler`; 4 in torchvision's recipe); 1 for plain shuffling.
+
+    The workers decode, resize and crop, and hand over uint8 images (a quarter of float32's host-to-device
+    traffic); everything else happens on the device after the transfer, to every batch alike: the training
+    augmentation's batch part, `augmentations`, the normalisation, `mixing` (`ClassificationDataModule`).
     """
 
     def __init__(
@@ -287,16 +325,16 @@ class ImageNetDataModule(ClassificationDataModule):
         skip_corrupt: bool = False,
         num_workers: int | None = None,
         eval_crop_size: int | None = None,
+        augmentations: list[BatchAugmentation] | None = None,
         mixing: MixBatch | None = None,
         repeated_augmentations: int = 1,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, augmentations or [], mixing)
         self.eval_crop_size = crop_size if eval_crop_size is None else eval_crop_size
         if val_resize < self.eval_crop_size:
             raise ConfigError(f"val_resize {val_resize} must be at least the evaluation crop {self.eval_crop_size}")
         if repeated_augmentations < 1:
             raise ConfigError(f"repeated_augmentations must be at least 1, got {repeated_augmentations}")
-        self.mixing = mixing
         self.repeated_augmentations = repeated_augmentations
         self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
         self.classes = class_folders(self.root / "train")
@@ -310,19 +348,22 @@ class ImageNetDataModule(ClassificationDataModule):
         self.eval_mode = eval_mode
         self.test_scales = tuple(test_scales)
         self.skip_corrupt = skip_corrupt
+        self.normalize = imagenet_standardize()
 
-    def train_transform(self) -> v2.Compose:
-        augmentation = self.train_augmentation
-        normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        return v2.Compose([augmentation.build(self.crop_size), normalize, *augmentation.after_normalization()])
+    def train_transform(self) -> nn.Module:
+        """The workers' part of the training augmentation: a decoded image to a uint8 crop."""
+        return self.train_augmentation.build(self.crop_size)
 
-    def eval_transform(self) -> v2.Compose:
-        to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def data_augmentations(self) -> list[BatchAugmentation]:
+        return self.train_augmentation.batch_augmentations()
+
+    def eval_transform(self) -> nn.Module:
+        """A decoded image to its uint8 evaluation view(s); the device normalises them, as it does training images."""
         if self.eval_mode == "multi_scale":
-            return v2.Compose([MultiScaleViews(self.test_scales), EachView(to_input)])
+            return MultiScaleViews(self.test_scales)
         size = self.eval_crop_size
         crop = TenCropViews(size) if self.eval_mode == "ten_crop" else v2.CenterCrop(size)
-        return v2.Compose([v2.Resize(self.val_resize, antialias=True), crop, to_input])
+        return v2.Compose([v2.Resize(self.val_resize, antialias=True), crop])
 
     def _folder(self, split: str, transform: nn.Module) -> ImageFolderDataset:
         split_dir = self.root / split
@@ -341,20 +382,10 @@ class ImageNetDataModule(ClassificationDataModule):
             return None
         return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, run_seed(), *self._share())
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        # Lightning also passes the model's example input through here, a bare tensor: only training batches mix.
-        if self.mixing is None or trainer is None or not trainer.training or not isinstance(batch, tuple | list):
-            return batch
-        images, labels = batch
-        rank, world_size = self._share()
-        generator = torch.Generator().manual_seed(batch_key(run_seed(), trainer.current_epoch, trainer.global_step))
-        draws = self.mixing.draw(len(images) * world_size, generator)[rank::world_size]
-        return self.mixing.mix(images, labels, draws, self.num_classes)
-
-    def eval_collate_fn(self) -> Callable | None:
-        # Whole images at several scales differ in size: such batches are lists, one list of views per image.
-        return collate_view_lists if self.eval_mode == "multi_scale" else None
+    def collate_fn(self, train: bool) -> Callable:
+        if train:
+            return collate_training
+        return collate_view_lists if self.eval_mode == "multi_scale" else collate_evaluation
 
     @property
     def skipped_images(self) -> int:

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resnet_lab.data.augmentations import PadCropFlip
 from resnet_lab.data.base import fit_standardize
-from resnet_lab.data.batches import ImageSplit, InMemoryDataModule, PadCropFlip
+from resnet_lab.data.batches import ImageSplit, InMemoryDataModule
 from resnet_lab.errors import ConfigError
 
 
