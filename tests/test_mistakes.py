@@ -68,6 +68,8 @@ MISTAKES = [
     Mistake("a batch size that is not a number", "fit {r20} --data.batch_size x",
             "--data.init_args.batch_size x: expected a whole number"),
     Mistake("no --config at all", "fit", "no experiment given (missing --model.backbone)"),
+    Mistake("a class given without the argument it needs", "fit {r20} --data.init_args.augmentations+=EachImage",
+            "--data.init_args.augmentations.transform must be given"),
     Mistake("a config file that does not exist", "fit --config configs/resnet21_cifar.yaml",
             "--config configs/resnet21_cifar.yaml: no such file"),
     Mistake("a YAML syntax error", "fit --config {broken_config}",

@@ -14,6 +14,8 @@ from typing import NoReturn
 from lightning.pytorch.cli import LightningArgumentParser
 
 HELP_HINT = "`python main.py fit --help` lists every option"
+# What an experiment config gives and nothing else does: missing, no experiment was named.
+EXPERIMENT_KEYS = {"model.backbone", "data"}
 
 _KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS = re.compile(r"Problem with given class_path '([^']+)'")
@@ -109,6 +111,8 @@ def one_line(message: str, options: list[str] = ()) -> str:
     if required := _REQUIRED.search(message):  # at the top, or of the module's class (`model.backbone`)
         prefix = f"{option}." if option else ""
         missing = [prefix + m.strip().split(".", 1)[-1] for m in required.group(1).split(",")]
+        if not set(missing) <= EXPERIMENT_KEYS:  # an argument of a class given on the command line
+            return f"{', '.join('--' + m for m in missing)} must be given: its class has no default for it"
         return (
             f"no experiment given (missing {', '.join('--' + m for m in missing)}): name one with --config, e.g. "
             "`python main.py fit --config configs/resnet20_cifar.yaml` (configs/ holds them all)"
