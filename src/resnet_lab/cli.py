@@ -51,7 +51,8 @@ from resnet_lab.trainer import Trainer as ResNetLabTrainer
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 SUBCOMMAND_HELP = {
-    "fit": "train a network: a run folder under logs/<experiment>/ (config, TensorBoard events, checkpoints)",
+    "fit": "train a network: a run folder under logs/<experiment>/ (config, TensorBoard events, checkpoints); "
+    "`--model.help ImageClassifier` lists the module's options",
     "validate": "evaluate weights on the validation split (a run's checkpoint: logged into that run)",
     "test": "evaluate weights on the test set (a run's checkpoint: logged into that run, where `table` finds it)",
     "predict": "class probabilities of the test images from the given weights",
@@ -111,7 +112,8 @@ class ResNetLabCLI(LightningCLI):
             "description",
             "Train and evaluate the paper's residual and plain networks: `fit` makes a run folder under "
             "logs/<experiment>/; `validate`, `test` and `predict` evaluate a run's checkpoint and log into that run, "
-            "where `table` finds it. `main.py <subcommand> --help` lists each one's options.",
+            "where `table` finds it. `main.py <subcommand> --help` lists each one's options; `main.py fit --model.help "
+            "ImageClassifier` and `--data.help CIFAR10DataModule` list those of the module and of a data module.",
         )
         return super().init_parser(**kwargs)
 

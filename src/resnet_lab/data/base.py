@@ -147,7 +147,7 @@ class ClassificationDataModule(L.LightningDataModule):
         epoch, iteration), and the micro-batch within an iteration that accumulates gradients.
 
         The same under data parallelism, and after a resume at an iteration's end; but the DataLoader path does not
-        yet resume mid-epoch with the very images it would have had (a new epoch's order restarts): that is issue 24.
+        resume mid-epoch with the very images it would have had: its order and workers' crops restart with the epoch.
         """
         trainer = self.trainer
         epoch, step = (trainer.current_epoch, trainer.global_step) if trainer is not None else (0, 0)
