@@ -149,14 +149,16 @@ class RunRecord(Callback):
             "run_id": self.run_id,
             "started": self.started,
             "wall_s": self._wall_s(),
-            **self.protocol,
+            "protocol": self.protocol,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_run_id(state_dict.get("run_id"), "the checkpoint's RunRecord state")
         self.run_id, self.started = state_dict.get("run_id"), state_dict.get("started")
         self.wall_s_before = float(state_dict.get("wall_s", 0.0))
-        self.resumed_protocol = {k: v for k, v in state_dict.items() if k not in ("run_id", "started", "wall_s")}
+        # Checkpoints written before the protocol had a key of its own kept it beside the others.
+        legacy = {k: v for k, v in state_dict.items() if k not in ("run_id", "started", "wall_s")}
+        self.resumed_protocol = state_dict.get("protocol", legacy)
 
     def _wall_s(self) -> float:
         session = 0.0 if self.session_start is None else time.perf_counter() - self.session_start

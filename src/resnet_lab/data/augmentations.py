@@ -228,15 +228,15 @@ class BatchTransforms(nn.Module):
     ) -> tuple[Tensor | list, Tensor]:
         """`images`, `labels`: this process's share of a global batch, whose images are `rank::world_size`; uint8
         [B, C, H, W] for training, and for evaluation also [B, views, C, H, W] or one list of views per image."""
-        training = key != NO_AUGMENTATION
+        device = (images[0][0] if isinstance(images, list | tuple) else images).device
+        if self.normalize.mean.device != device:  # once: every augmentation's buffers with the normalisation's
+            self.to(device)
+        training = key != NO_AUGMENTATION and (len(self.augmentations) > 0 or self.mixing is not None)
         if training:
-            generator = torch.Generator(device=images.device).manual_seed(key)
+            generator = torch.Generator(device=device).manual_seed(key)
             for augmentation in self.augmentations:
                 draws = augmentation.draw(len(images) * world_size, generator)[rank::world_size]
                 images = augmentation.apply(images, draws)
-        device = (images[0][0] if isinstance(images, list | tuple) else images).device
-        if self.normalize.mean.device != device:
-            self.normalize.to(device)
         images = to_input(images, self.normalize)
         if training and self.mixing is not None:
             draws = self.mixing.draw(len(images) * world_size, generator)[rank::world_size]

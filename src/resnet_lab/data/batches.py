@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-# The augmentation protocol lived here before it served every data module; these names still import from here.
+# The augmentation protocol lived here before it served every data module: run folders saved before name its classes
+# here (`resnet_lab.data.batches.EachImage`), so they still import from here.
 from resnet_lab.data.augmentations import (  # noqa: F401
     NO_AUGMENTATION,
     BatchAugmentation,
@@ -25,7 +26,6 @@ from resnet_lab.data.augmentations import (  # noqa: F401
     MixBatch,
     PadCropFlip,
     batch_key,
-    random_crop_flip,
 )
 from resnet_lab.data.base import ClassificationDataModule, run_seed
 

@@ -91,8 +91,8 @@ class PCALighting(BatchAugmentation):
         return torch.randn(batch_size, 3, device=generator.device, generator=generator) * self.std
 
     def apply(self, images: Tensor, draws: Tensor) -> Tensor:
-        eigval, eigvec = self.eigval.to(images.device), self.eigvec.to(images.device)
-        shift = (draws.to(images.device) * eigval) @ eigvec.T  # [B, 3]: eigvec @ (alpha * eigval) for each image
+        # [B, 3]: eigvec @ (alpha * eigval) for each image (the buffers are on the device with BatchTransforms).
+        shift = (draws.to(images.device) * self.eigval) @ self.eigvec.T
         return images.float() + 255 * shift[:, :, None, None]
 
 
