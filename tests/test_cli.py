@@ -177,6 +177,13 @@ def test_an_iteration_validation_interval_counts_across_epochs(cifar_root, tmp_p
     assert [e.step for e in events.Scalars("val/err_top1")] == [4, 9, 10]  # after iterations 5, 10 and the last
 
 
+def test_a_config_given_as_a_dict_with_a_key_no_option_takes_is_one_line():
+    # Fit's own arguments in a module-only parser (run=False), as a saved config.yaml read as a dict holds them.
+    with pytest.raises(SystemExit) as refusal:
+        ResNetLabCLI(args={"ckpt_path": None, "model": {"backbone": {"class_path": "CifarResNet"}}}, run=False)
+    assert str(refusal.value.code).startswith("error: ckpt_path is not an option here (")
+
+
 def test_a_batch_limit_of_1_is_one_batch(cifar_root, tmp_path):
     # Lightning types the limits `float | int`, so its parser alone would read 1 as 1.0: all of the batches.
     for given, expected in (("1", 1), ("1.0", 1.0), ("2", 2)):

@@ -241,8 +241,12 @@ def test_both_families_take_the_same_augmentations_and_mixing_and_apply_them_ali
     raw, labels, key = next(iter(cifar.train_dataloader()))
     a, b = (dm.on_after_batch_transfer((raw, labels, key), 0) for dm in (cifar, imagenet))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].shape == (8, 10)
+    # What each did is the stack itself: the augmentations, the normalisation, then the mixing.
+    expected = BatchTransforms(**stack(), normalize=imagenet.normalize, num_classes=10)(raw, labels, key)
+    assert torch.equal(a[0], expected[0]) and torch.equal(a[1], expected[1])
     unmixed, _ = BatchTransforms(stack()["augmentations"], imagenet.normalize, 10)(raw, labels, key)
-    assert not torch.equal(a[0], unmixed)  # the mixing ran, after the same augmentations
+    plain, _ = BatchTransforms([], imagenet.normalize, 10)(raw, labels, key)
+    assert not torch.equal(a[0], unmixed) and not torch.equal(unmixed, plain)  # each part changed the batch
     # An evaluation batch is only normalised, by both.
     a, b = (dm.on_after_batch_transfer((raw, labels, NO_AUGMENTATION), 0) for dm in (cifar, imagenet))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], labels)

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import ArgumentParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUIET, REPO
 from resnet_lab.cli import main
 from resnet_lab.errors import ConfigError
 from resnet_lab.models import CifarResNet
+from resnet_lab.module import ImageClassifier
 
 DOC = REPO / "docs" / "extending.md"
 BLOCK = re.compile(r"```(\w+)(?: file=(\S+))?\n(.*?)```", re.S)
@@ -54,8 +56,7 @@ def checkpoint_of(run: Path) -> dict:
 
 
 def check_block(run: Path) -> None:
-    from myfork.attention import SqueezeExcite  # the files the doc wrote
-    from myfork.blocks import DropoutBasicBlock
+    from myfork.blocks import DropoutBasicBlock  # the file the doc wrote
 
     se_run, dropout_run = sorted(run.parent.glob("version_*"))  # the two commands, in order
     state = checkpoint_of(se_run)["state_dict"]
@@ -65,9 +66,12 @@ def check_block(run: Path) -> None:
     saved = yaml.safe_load((dropout_run / "config.yaml").read_text())["model"]
     backbone = saved.get("init_args", saved)["backbone"]["init_args"]
     assert backbone["block"] == "myfork.blocks.DropoutBasicBlock" and backbone["block_kwargs"] == {"drop": 0.2}
-    # What the run built: a dropout of 0.2 in every unit, active in training only.
-    net = CifarResNet(20, block=DropoutBasicBlock, block_kwargs=backbone["block_kwargs"], attn_layer=SqueezeExcite)
-    assert {m.dropout.p for m in net.modules() if isinstance(m, DropoutBasicBlock)} == {0.2}
+    # What the run built, from its own config.yaml: a dropout of 0.2 in every unit, active in training only.
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ImageClassifier, "model")
+    net = parser.instantiate(parser.parse_object({"model": saved})).model.backbone
+    units = [m for m in net.modules() if isinstance(m, DropoutBasicBlock)]
+    assert len(units) == 9 and {m.dropout.p for m in units} == {0.2}
     x = torch.randn(2, 3, 32, 32)
     assert not torch.equal(net.train()(x), net(x))
     assert torch.equal(net.eval()(x), net(x))

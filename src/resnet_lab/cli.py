@@ -9,11 +9,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
-from resnet_lab.callbacks import PeriodicCheckpoint, RunCheckpoint
 from resnet_lab.checkpoints import (
     check_checkpoint_for,
     model_arguments,
@@ -44,6 +42,7 @@ from resnet_lab.module import ImageClassifier
 from resnet_lab.parser import ResNetLabParser
 from resnet_lab.records import RunRecord
 from resnet_lab.scaled import scale_schedule
+from resnet_lab.trainer import CONFIGURED_CALLBACKS
 from resnet_lab.trainer import Trainer as ResNetLabTrainer
 
 # main.py hands LightningCLI the command line with each config's recipes read before it, which Lightning warns of
@@ -150,37 +149,15 @@ class ResNetLabCLI(LightningCLI):
         )
         # A fork's own module is `--model myfork.Module` (a subclass of ImageClassifier), ImageClassifier unless named.
         parser.set_defaults({"model": {"class_path": f"{ImageClassifier.__module__}.{ImageClassifier.__qualname__}"}})
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/err_top1",
-                "checkpoint.mode": "min",
-                "checkpoint.filename": "best-step{step}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        # The latest state at every validation: Lightning's own `save_last` follows the best checkpoint, so a run
-        # whose validation error stops improving would keep an old `last.ckpt`.
-        parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
-        parser.set_defaults(
-            {
-                "last_checkpoint.filename": ModelCheckpoint.CHECKPOINT_NAME_LAST,
-                "last_checkpoint.monitor": None,
-                "last_checkpoint.save_top_k": 1,
-                "last_checkpoint.enable_version_counter": False,
-            }
-        )
-        # `--periodic_checkpoint.every_n_train_steps N`: `last.ckpt` every N iterations as well, which bounds what
-        # a kill loses (`--ckpt_path last` resumes from it).
-        parser.add_lightning_class_args(PeriodicCheckpoint, "periodic_checkpoint")
+        for name, (kind, defaults) in CONFIGURED_CALLBACKS.items():
+            parser.add_lightning_class_args(kind, name)
+            parser.set_defaults({f"{name}.{key}": value for key, value in defaults.items()})
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="fit only: then test the final weights (the paper's protocol) and log test/* into the same run",
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults(
             {
                 "trainer.logger": {
@@ -239,11 +216,6 @@ class ResNetLabCLI(LightningCLI):
                     f"{self.subcommand} needs trained weights: --ckpt_path <run>/checkpoints/last.ckpt (or `last`, the "
                     "newest run of the experiment); without them it would evaluate the untrained network"
                 )
-        interval = config.trainer.get("val_check_interval")
-        if isinstance(interval, int) and not isinstance(interval, bool) and config.trainer.check_val_every_n_epoch == 1:
-            # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
-            # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
-            config.trainer.check_val_every_n_epoch = None
         # TensorBoard's HPARAMS tab: the settings of the model, the data and the trainer (not where it logs).
         plain = config.as_dict()
         trainer = {k: v for k, v in plain["trainer"].items() if k not in ("logger", "callbacks")}

@@ -84,6 +84,8 @@ def one_line(message: str, options: list[str] = ()) -> str:
     if unknown := _NOT_ACCEPTED.search(message):
         name = unknown.group(1)
         classes = _CLASS.findall(message)
+        if not option and not classes:  # a key at the top of a config given as a dict, or of run=False's parser
+            return f"{name} is not an option here ({_did_you_mean(f'--{name}', options) or HELP_HINT})"
         arguments = _arguments_of(classes[-1]) if classes else []
         near = difflib.get_close_matches(name, arguments, n=1)
         where = classes[-1] if classes else option

@@ -8,11 +8,13 @@ import warnings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
 from lightning.pytorch import Trainer as LightningTrainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from resnet_lab.callbacks import (
     CheckpointOnSignal,
+    PeriodicCheckpoint,
+    RunCheckpoint,
     SpeedMonitor,
     StopOnNonFiniteLoss,
     ThrottledProgressBar,
@@ -39,9 +41,21 @@ class _NoAdvertisements(logging.Filter):
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
 
-# Every run's callbacks besides those the command line configures (--checkpoint, --last_checkpoint,
-# --periodic_checkpoint, --lr_monitor): a validation at the last step, speed logging, a stop at a non-finite loss,
-# a checkpoint and a clean exit on SIGTERM/SIGUSR1. One given in `callbacks` takes its kind's place.
+# Every run's callbacks. Those the command line configures, `--<name>.<argument>` (LightningCLI's
+# `add_lightning_class_args`), with their defaults here: the best checkpoint on validation; the latest state at every
+# validation (Lightning's own `save_last` follows the best checkpoint, so a run whose validation error stops
+# improving would keep an old `last.ckpt`); `last.ckpt` every N iterations as well, which bounds what a kill loses
+# (`--periodic_checkpoint.every_n_train_steps N`); the learning rate at every iteration.
+CONFIGURED_CALLBACKS = {
+    "checkpoint": (RunCheckpoint, {"monitor": "val/err_top1", "mode": "min", "filename": "best-step{step}",
+                                   "auto_insert_metric_name": False}),
+    "last_checkpoint": (RunCheckpoint, {"filename": ModelCheckpoint.CHECKPOINT_NAME_LAST, "monitor": None,
+                                        "save_top_k": 1, "enable_version_counter": False}),
+    "periodic_checkpoint": (PeriodicCheckpoint, {}),
+    "lr_monitor": (LearningRateMonitor, {"logging_interval": "step"}),
+}  # fmt: skip
+# And those the Trainer adds itself: a validation at the last step, speed logging, a stop at a non-finite loss, a
+# checkpoint and a clean exit on SIGTERM/SIGUSR1. One given in `callbacks` takes its kind's place.
 DEFAULT_CALLBACKS = (ValidateAtMaxSteps, SpeedMonitor, StopOnNonFiniteLoss, CheckpointOnSignal)
 # Words of a Lightning refusal that is about this machine rather than a setting's value.
 MACHINE_WORDS = ("accelerator", "gpu", "cuda", "mps", "tpu", "backend", "install", "strategy", "device", "precision")
@@ -73,6 +87,14 @@ class Trainer(LightningTrainer):
                 f"--trainer.val_check_interval {interval}: give a number of iterations (e.g. 2000) or a fraction of an "
                 "epoch in (0, 1]"
             )
+        if (
+            isinstance(interval, int)
+            and not isinstance(interval, bool)
+            and kwargs.get("check_val_every_n_epoch", 1) == 1
+        ):
+            # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
+            # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
+            kwargs["check_val_every_n_epoch"] = None
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         callbacks += [kind() for kind in DEFAULT_CALLBACKS if not any(isinstance(c, kind) for c in callbacks)]
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):

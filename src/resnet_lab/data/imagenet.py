@@ -22,7 +22,6 @@ from resnet_lab.data.augmentations import (
     KEYED_AT_TRANSFER,
     NO_AUGMENTATION,
     BatchAugmentation,
-    EachImage,
     MixBatch,
     Standardize,
 )
@@ -162,8 +161,8 @@ class InceptionAugmentation(ImageAugmentation):
 
 class TorchvisionRecipeAugmentation(ImageAugmentation):
     """The training transform of torchvision's classification references (ResNet-50 IMAGENET1K_V2): a random
-    resized crop and a flip, TrivialAugmentWide, both with bilinear interpolation (in the workers: TrivialAugment
-    is per image and too slow on the device), and a random erasing with probability `erasing_p` (on the device).
+    resized crop and a flip, TrivialAugmentWide, both with bilinear interpolation, and a random erasing with
+    probability `erasing_p`, all in the workers (each is per image: on the device, a loop over the batch).
 
     Args:
         area_range: the crop's share of the image's area.
@@ -186,14 +185,11 @@ class TorchvisionRecipeAugmentation(ImageAugmentation):
         ]
         if self.trivial_augment:
             steps.append(v2.TrivialAugmentWide(interpolation=bilinear))
+        if self.erasing_p > 0:
+            # torchvision erases the normalised image to 0, i.e. to the mean; the uint8 crop is erased to the mean
+            # pixel rounded to a level (at most half a level off), with torchvision's distribution of rectangles.
+            steps.append(v2.RandomErasing(p=self.erasing_p, value=list(IMAGENET_MEAN_PIXEL)))
         return v2.Compose(steps)
-
-    def batch_augmentations(self) -> list[BatchAugmentation]:
-        # torchvision erases the normalised image to 0, i.e. to the mean; here the uint8 image is erased to the mean
-        # pixel rounded to a level (at most half a level off), with torchvision's own RandomErasing and its
-        # distribution of rectangles, each image drawing its own.
-        erasing = v2.RandomErasing(p=self.erasing_p, value=list(IMAGENET_MEAN_PIXEL))
-        return [EachImage(erasing)] if self.erasing_p > 0 else []
 
 
 class TenCropViews(nn.Module):
