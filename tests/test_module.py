@@ -155,6 +155,21 @@ def test_a_backbone_built_in_python_is_not_a_hyperparameter(tmp_path):
         assert torch.equal(restored.state_dict()[name], value), name
 
 
+def test_a_checkpoint_of_the_old_graph_step_setting_loads_and_says_what_replaced_it(tmp_path):
+    torch.manual_seed(0)
+    model = ImageClassifier(CifarResNet(8), optimizer=sgd)
+    trainer = quiet_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    trainer.fit(model, datamodule=SyntheticDataModule(train_size=32, val_size=32, batch_size=32))
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    old = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    old["hyper_parameters"]["graph_step"] = True  # as the gpu_graph preset wrote it before GraphStepClassifier
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="graph_step=True is ignored: .*GraphStepClassifier"):
+        restored = ImageClassifier.load_from_checkpoint(tmp_path / "old.ckpt", backbone=CifarResNet(8))
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+
+
 def test_the_loss_is_an_argument(tmp_path):
     torch.manual_seed(0)
     model = ImageClassifier(CifarResNet(8, num_classes=6), optimizer=sgd, loss=torch.nn.MultiMarginLoss())

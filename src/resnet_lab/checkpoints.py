@@ -267,11 +267,12 @@ def check_checkpoint_for(config: Namespace, path: str) -> None:
         )
 
 
-def model_arguments(config: Namespace) -> Namespace:
-    """The module's arguments in a parsed config: `model.init_args`, or `model` itself in a config written before
-    the module's class was a choice (`model: {backbone: ...}`)."""
-    model = config.model
-    return model.init_args if isinstance(model, Namespace) and "class_path" in model else model
+def model_arguments(config: Namespace | dict) -> Namespace | dict:
+    """The module's arguments in a config, parsed or plain: `model.init_args`, or `model` itself in a config written
+    before the module's class was a choice (`model: {backbone: ...}`)."""
+    model = config["model"]
+    arguments = model.get("init_args") if "class_path" in model else model
+    return arguments if arguments is not None else {}
 
 
 AUTOMATIC = "epoch_loop.automatic_optimization.optim_progress"

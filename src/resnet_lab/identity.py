@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from resnet_lab.checkpoints import check_plain, names_in, read_saved_config
+from resnet_lab.checkpoints import check_plain, model_arguments, names_in, read_saved_config
 from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.scaled import OPTION as SCALE_OPTION
 from resnet_lab.scaled import other_scales, scaled_name
@@ -154,8 +154,7 @@ def _settings(config: Namespace) -> dict[str, object]:
     module's class (`model.init_args.<argument>`) or was written before that was a choice; the network's settings
     at the paper's own value left out (`stock_setting`)."""
     plain = config.as_dict()
-    model = plain.get("model") or {}
-    backbone = ((model.get("init_args") or {}) if "class_path" in model else model).get("backbone") or {}
+    backbone = model_arguments(plain).get("backbone") if plain.get("model") else None
     arguments = (backbone.get("init_args") or {}) if isinstance(backbone, dict) else {}
     for key in [k for k, v in arguments.items() if stock_setting(k, v)]:
         del arguments[key]

@@ -110,6 +110,10 @@ def expand_recipes(args: list[str]) -> list[str]:
 
     The recipes go before the first `--config`, so that a preset given before its experiment (`--config
     presets/debug.yaml --config resnet20_cifar.yaml`) still overrides the experiment's recipe, as it would after it.
+
+    Why not jsonargparse's own include (a `config: base.yaml` key inside a config file, jsonargparse 4.53): it reads
+    one file only (a list is kept as a value and never read) and applies it where the key stands among the others
+    (written after a key, it overrides that key), where a recipe is a list, always read first.
     """
     expanded, recipes, first, i = [], [], None, 0
     while i < len(args):

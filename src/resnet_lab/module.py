@@ -84,8 +84,9 @@ class ImageClassifier(L.LightningModule):
             recipe; 0, the paper, keeps the labels as they are). Validation and test losses are of the true labels.
         norm_and_bias_weight_decay: weight decay of the normalization layers' parameters and of every bias; None
             applies the optimizer's own to all parameters (the paper), 0.0 exempts them (torchvision's recipe).
-        graph_step: kept so that checkpoints written before the graph step was a module class of its own load;
-            the graph step is `--model resnet_lab.graph_step.GraphStepClassifier` (configs/presets/gpu_graph.yaml).
+        graph_step: kept so that checkpoints written before the graph step was a module class of its own load
+            (True is ignored, with a warning); the graph step is `--model resnet_lab.graph_step.GraphStepClassifier`
+            (configs/presets/gpu_graph.yaml).
     """
 
     def __init__(
@@ -147,10 +148,11 @@ class ImageClassifier(L.LightningModule):
         # Summed on the device and read only when the loggers write: no host-device sync and no `self.log` call
         # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
         self.train_means = TrainingMeans(train_metrics or default_training_metrics())
-        if graph_step:
-            raise ConfigError(
-                "--model.graph_step true: the graph step is a module class of its own now, "
-                "--model resnet_lab.graph_step.GraphStepClassifier (configs/presets/gpu_graph.yaml)"
+        if graph_step:  # a checkpoint of the old gpu_graph preset: its weights evaluate and train the same
+            warnings.warn(
+                "graph_step=True is ignored: the graph step is a module class of its own now, "
+                "--model resnet_lab.graph_step.GraphStepClassifier (configs/presets/gpu_graph.yaml)",
+                stacklevel=2,
             )
 
     def setup(self, stage: str) -> None:

@@ -1,5 +1,9 @@
 """The command line's parser: what jsonargparse reports as a nested, multi-line explanation after the whole usage
-becomes one line that names the option, the value and what it accepts (`--help` still prints the usage)."""
+becomes one line that names the option, the value and what it accepts (`--help` still prints the usage).
+
+Read from the message's text because that is all jsonargparse 4.53 gives: its errors are a chain of TypeError,
+ValueError and NSKeyError whose only content is the message (`Parser key "model": ...` for each nested key), with
+no field for the key, the value or the accepted types."""
 
 import difflib
 import inspect

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tb_logging
 from torch.utils.tensorboard import SummaryWriter
 
-from resnet_lab.checkpoints import check_plain, read_saved_config
+from resnet_lab.checkpoints import check_plain, model_arguments, read_saved_config
 from resnet_lab.errors import DataError, DatasetNotFoundError
 from resnet_lab.files import atomic_write_text, csv_cell
 from resnet_lab.identity import stock_setting
@@ -71,8 +71,7 @@ class Run:
     @property
     def backbone(self) -> dict:
         """The network's class and settings, but those at the paper's own value (`stock_setting`)."""
-        model = self.config["model"]
-        backbone = (model["init_args"] if "class_path" in model else model)["backbone"]
+        backbone = model_arguments(self.config)["backbone"]
         settings = {k: v for k, v in backbone.get("init_args", {}).items() if not stock_setting(k, v)}
         return {"class": backbone["class_path"].rsplit(".", 1)[-1], **settings}
 
