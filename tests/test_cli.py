@@ -357,3 +357,13 @@ def test_a_forks_module_is_one_class_and_one_option(cifar_root, tmp_path, monkey
     capsys.readouterr()
     with pytest.raises(SystemExit, match="fork.Penalised"):
         main(["test", *cifar_args(cifar_root), *evaluate])
+    with pytest.raises(SystemExit) as refusal:  # so is the run `last` would resume
+        main(["fit", *cifar_args(cifar_root, *steps), "--ckpt_path", "last"])
+    assert "version_0 has model fork.Penalised, which this command does not name (--model fork.Penalised does)" in str(
+        refusal.value.code
+    )
+    more = ["--trainer.max_steps", "3", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    resumed = ResNetLabCLI(args=["fit", *cifar_args(cifar_root, *more), "--model", "fork.Penalised",
+                                 "--model.penalty", "0.5", "--ckpt_path", "last",
+                                 "--trainer.logger.init_args.version", "version_0"])  # fmt: skip
+    assert resumed.trainer.global_step == 3 and type(resumed.model).__name__ == "Penalised"
