@@ -113,7 +113,7 @@ def test_every_augmentation_preset_stacks_on_an_imagenet_experiment(preset, cifa
     assert applied == ["PCALighting"] + ["EachImage"] * (not mixing)
     assert isinstance(dm.mixing, MixBatch) == mixing
     images, labels, _ = next(iter(dm.train_dataloader()))
-    images, labels = images.repeat(8, 1, 1, 1), labels.repeat(8)  # 16 images: an erasing at p 0.5 misses none
+    images, labels = images.repeat(8, 1, 1, 1), labels.repeat(8)  # 16 images, so that p 0.5 erases several
     stacked, targets = dm.batch_transforms(images, labels, 5)
     # The recipe alone, with the rounding to uint8 levels that an EachImage after the colour noise does itself.
     alone = [*dm.data_augmentations(), *([] if mixing else [EachImage(v2.Identity())])]

@@ -327,3 +327,10 @@ def test_ckpt_path_last_finds_the_run_with_or_without_the_graph_step(cifar_root,
     resumed = fit(cifar_root, tmp_path, "paper", "--trainer.max_steps", "3", "--ckpt_path", "last")
     assert resumed.trainer.log_dir == first.trainer.log_dir and resumed.trainer.global_step == 3
     assert type(resumed.model) is ImageClassifier  # the command's own class: the ordinary path
+
+
+def test_the_old_graph_step_setting_is_refused_on_the_command_line_and_names_the_class(cifar_root, tmp_path):
+    # A checkpoint that holds it is evaluated and resumed (its value is replaced by the command's; test_module.py
+    # loads one outside the command line); the user's own setting would silently train the ordinary step.
+    with pytest.raises(ConfigError, match=r"--model.graph_step true: .*--model resnet_lab.graph_step.GraphStepClass"):
+        fit(cifar_root, tmp_path, "paper", "--model.graph_step", "true")

@@ -272,7 +272,7 @@ def model_arguments(config: Namespace | dict) -> Namespace | dict:
     before the module's class was a choice (`model: {backbone: ...}`)."""
     model = config["model"]
     arguments = model.get("init_args") if "class_path" in model else model
-    return arguments if arguments is not None else {}
+    return arguments if arguments is not None else type(model)()
 
 
 AUTOMATIC = "epoch_loop.automatic_optimization.optim_progress"

@@ -38,7 +38,7 @@ from resnet_lab.launch import (
     link_num_classes,
     user_error,
 )
-from resnet_lab.module import ImageClassifier
+from resnet_lab.module import GRAPH_STEP_MOVED, ImageClassifier
 from resnet_lab.parser import ResNetLabParser
 from resnet_lab.records import RunRecord
 from resnet_lab.scaled import scale_schedule
@@ -193,6 +193,8 @@ class ResNetLabCLI(LightningCLI):
         for key, value in self.how_to_run.items():  # see parse_arguments
             if value is not None and model_arguments(config).get(key) is not None:
                 model_arguments(config)[key] = value
+        if model_arguments(config).get("graph_step"):  # the user's own: a checkpoint's was replaced just above
+            raise ConfigError(f"--model.graph_step true: {GRAPH_STEP_MOVED}")
         ours, theirs = self.module_class, config.model.get("class_path")  # theirs: a checkpoint's, once merged
         if ours is not None and {module_class(ours), module_class(theirs)} <= SAME_TRAINING:
             config.model.class_path = ours

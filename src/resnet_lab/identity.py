@@ -11,10 +11,11 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from resnet_lab.checkpoints import check_plain, model_arguments, names_in, read_saved_config
+from resnet_lab.checkpoints import DOTTED_NAME, check_plain, model_arguments, names_in, read_saved_config
 from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.scaled import OPTION as SCALE_OPTION
 from resnet_lab.scaled import other_scales, scaled_name
+from resnet_lab.trainer import validation_epochs
 
 
 def run_to_resume(experiment: Path, version: str | None, differences: Callable[[Path], list[str]]) -> tuple[Path, str]:
@@ -162,6 +163,9 @@ def _settings(config: Namespace) -> dict[str, object]:
         f"model.{key.removeprefix('model.init_args.')}" if key.startswith("model.init_args.") else key: value
         for key, value in _flatten(plain).items()
     }
+    if "trainer.check_val_every_n_epoch" in flat:  # as the Trainer runs it (run folders before it kept None)
+        every = validation_epochs(flat.get("trainer.val_check_interval"), flat["trainer.check_val_every_n_epoch"])
+        flat["trainer.check_val_every_n_epoch"] = every
     return flat | {"model.class_path": module_class(flat.get("model.class_path"))}
 
 
@@ -205,7 +209,12 @@ def run_differences(
     except DataError as err:  # another run's doing: not the run this command names
         model = held.get("model") if isinstance(held, dict) else None
         theirs = model.get("class_path") if isinstance(model, dict) else None
-        if isinstance(theirs, str) and f"'{theirs}'" in str(err):  # a fork's module, trained by its own command
+        if (
+            isinstance(theirs, str)
+            and DOTTED_NAME.fullmatch(theirs)
+            and f"model.class_path names '{theirs}'" in str(err)
+        ):
+            # a fork's module, trained by its own command
             return [f"model {theirs}, which this command does not name (--model {theirs} does)"]
         return [f"a config.yaml this command does not read ({err})"]
     saved = parse(run / "config.yaml")

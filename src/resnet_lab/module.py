@@ -42,6 +42,13 @@ def accuracy_metrics(num_classes: int) -> dict[str, Metric]:
     return metrics
 
 
+# The graph step's new spelling, for the old `graph_step: true` (the command line refuses it, as a user's setting).
+GRAPH_STEP_MOVED = (
+    "the graph step is a module class of its own now, --model resnet_lab.graph_step.GraphStepClassifier "
+    "(configs/presets/gpu_graph.yaml)"
+)
+
+
 class ImageClassifier(L.LightningModule):
     """Image classification with a backbone, an optimizer and a learning-rate schedule.
 
@@ -149,11 +156,7 @@ class ImageClassifier(L.LightningModule):
         # per iteration (each costs more host time than a small CIFAR step on a GPU; docs/benchmarks.md).
         self.train_means = TrainingMeans(train_metrics or default_training_metrics())
         if graph_step:  # a checkpoint of the old gpu_graph preset: its weights evaluate and train the same
-            warnings.warn(
-                "graph_step=True is ignored: the graph step is a module class of its own now, "
-                "--model resnet_lab.graph_step.GraphStepClassifier (configs/presets/gpu_graph.yaml)",
-                stacklevel=2,
-            )
+            warnings.warn(f"graph_step=True is ignored: {GRAPH_STEP_MOVED}", stacklevel=2)
 
     def setup(self, stage: str) -> None:
         # An example input lets the model summary count FLOPs and TensorBoard draw the network graph

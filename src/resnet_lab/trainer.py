@@ -61,14 +61,23 @@ DEFAULT_CALLBACKS = (ValidateAtMaxSteps, SpeedMonitor, StopOnNonFiniteLoss, Chec
 MACHINE_WORDS = ("accelerator", "gpu", "cuda", "mps", "tpu", "backend", "install", "strategy", "device", "precision")
 
 
+def validation_epochs(val_check_interval: object, check_val_every_n_epoch: int | None) -> int | None:
+    """`check_val_every_n_epoch` as the Trainer runs it: None where `val_check_interval` is a number of iterations and
+    it was left at 1. An iteration count means every N iterations of the run, as in the paper's protocol, also across
+    epochs and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None."""
+    iterations = isinstance(val_check_interval, int) and not isinstance(val_check_interval, bool)
+    return None if iterations and check_val_every_n_epoch == 1 else check_val_every_n_epoch
+
+
 class Trainer(LightningTrainer):
     """Lightning's Trainer with `DEFAULT_CALLBACKS`, a progress bar redrawn a few times a second
     (`ThrottledProgressBar`) unless another is given or bars are off, checkpoints written atomically
     (`AtomicCheckpointIO`) unless a plugin chooses how, and its settings refused in one line where they cannot run
     here or would run other than written.
 
-    The batch limits are typed `int | float`, whole numbers first: `limit_val_batches: 1` is one batch, as Lightning
-    documents, where its own `float | int` has the parser read the 1 as 1.0, all of them.
+    An integer `val_check_interval` counts iterations across epochs (`validation_epochs`: check_val_every_n_epoch 1
+    becomes None). The batch limits are typed `int | float`, whole numbers first: `limit_val_batches: 1` is one
+    batch, as Lightning documents, where its own `float | int` has the parser read the 1 as 1.0, all of them.
     """
 
     def __init__(
@@ -87,14 +96,7 @@ class Trainer(LightningTrainer):
                 f"--trainer.val_check_interval {interval}: give a number of iterations (e.g. 2000) or a fraction of an "
                 "epoch in (0, 1]"
             )
-        if (
-            isinstance(interval, int)
-            and not isinstance(interval, bool)
-            and kwargs.get("check_val_every_n_epoch", 1) == 1
-        ):
-            # An iteration count means every N iterations of the run, as in the paper's protocol, also across epochs
-            # and beyond one; Lightning counts it within each epoch unless check_val_every_n_epoch is None.
-            kwargs["check_val_every_n_epoch"] = None
+        kwargs["check_val_every_n_epoch"] = validation_epochs(interval, kwargs.get("check_val_every_n_epoch", 1))
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         callbacks += [kind() for kind in DEFAULT_CALLBACKS if not any(isinstance(c, kind) for c in callbacks)]
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
