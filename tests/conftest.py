@@ -8,6 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# Under pytest-xdist each worker is a process of its own: one thread each, so that the workers share the cores
+# rather than each spreading small operations over all of them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Command-line options that keep a test's run quiet: no progress bar, no model summary, no graph traced for TensorBoard.

@@ -238,6 +238,7 @@ def test_replacing_the_callbacks_of_a_warmup_experiment_is_refused(cifar_root):
         main(["fit", *args])
 
 
+@pytest.mark.slow
 def test_paper_recipe_learns_real_cifar10(shared_data, tmp_path):
     steps = ["--trainer.max_steps", "80", "--trainer.limit_val_batches", "10"]
     main(["fit", "--config", str(CONFIGS / "resnet20_cifar.yaml"), "--data.root", str(shared_data), *steps, *QUIET])
@@ -318,6 +319,7 @@ def test_the_progress_bar_after_a_resume_mid_epoch(cifar_root, tmp_path, capfd):
     assert not re.search(r"Epoch 0: .*/\?", bar)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_a_true_precision_trains_and_tests_on_the_device_batches(cifar_root, tmp_path, monkeypatch, precision):
     """The device-resident batches are made after Lightning converts a batch to the precision's input type: they

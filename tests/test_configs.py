@@ -66,6 +66,7 @@ def fit(config_args: list[str], tmp_path: Path) -> Path:
     return last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_fits(config, cifar_root, imagenet_root, tmp_path):
     # One iteration is shorter than the modern recipes' warm-ups.
@@ -79,6 +80,7 @@ def test_every_experiment_fits(config, cifar_root, imagenet_root, tmp_path):
         assert len(rows) == {"preact_resnet110_cifar": 1 + 2 * 54, "preact_resnet164_cifar": 1 + 54}[config.stem]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_every_preset_fits_stacked_on_an_experiment(preset, cifar_root, imagenet_root, tmp_path):
     family = "resnet18_imagenette" if "imagenet" in preset.stem else "resnet20_cifar"
@@ -92,6 +94,7 @@ def test_every_preset_fits_stacked_on_an_experiment(preset, cifar_root, imagenet
 AUGMENTATION_PRESETS = ["trivialaugment", "randaugment", "autoaugment", "random_erasing", "mixup", "cutmix"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", AUGMENTATION_PRESETS)
 def test_every_augmentation_preset_stacks_on_an_imagenet_experiment(preset, cifar_root, imagenet_root, tmp_path):
     from torchvision.transforms import v2

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch
 from resnet_lab.models import CifarResNet
 
+pytestmark = pytest.mark.slow  # data-parallel processes
+
 PROCESSES = 2
 GLOBAL_BATCH = 16
 VAL_SIZE = 72

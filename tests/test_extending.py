@@ -219,6 +219,7 @@ def test_cutout_zeroes_exactly_a_size_by_size_square(fork, size):
     assert torch.equal(out[~zeroed], images[~zeroed])  # every other pixel as it was
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", list(CHECKS))
 def test_the_worked_example_runs_and_takes_effect(section, fork, monkeypatch):
     commands = SECTIONS[section][1]

@@ -87,6 +87,7 @@ def assert_same_training(a: dict, b: dict) -> None:
     assert torch.equal(a["train_means"]["sums"], b["train_means"]["sums"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_the_graph_step_trains_bit_for_bit_as_the_ordinary_path(cifar_root, tmp_path, monkeypatch, schedule):
     monkeypatch.chdir(tmp_path)
@@ -115,6 +116,7 @@ def test_the_graph_step_trains_bit_for_bit_as_the_ordinary_path(cifar_root, tmp_
         assert graphed.model.graph.table_from == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["warmup_until_error", "paper"])
 def test_a_graph_step_run_resumes_exactly_and_either_path_resumes_the_other(
     cifar_root, tmp_path, monkeypatch, schedule
@@ -195,6 +197,7 @@ def test_a_graph_step_fit_waits_on_the_device_only_where_the_loggers_write(cifar
     ],
     ids=["paper", "warmup_400", "cosine"],
 )
+@pytest.mark.slow
 def test_the_lr_table_is_the_scheduler_s_own_sequence_over_the_whole_schedule(make):
     def optimizer() -> torch.optim.Optimizer:  # two groups, as with no_norm_weight_decay
         return torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},

@@ -216,6 +216,7 @@ def test_real_imagenette_subset(shared_data):
     assert key == KEYED_AT_TRANSFER
 
 
+@pytest.mark.slow
 def test_imagenette_config_fits_and_tests_in_every_mode(shared_data, tmp_path, monkeypatch):
     from conftest import CONFIGS
     from resnet_lab.cli import main
@@ -339,6 +340,7 @@ def test_the_torchvision_recipe_erases_in_the_workers_to_the_mean_pixel(imagenet
     assert images.permute(0, 2, 3, 1)[erased].abs().max() < 0.01
 
 
+@pytest.mark.slow
 def test_the_same_seed_trains_the_same_imagenet_weights_and_an_old_run_folder_still_tests(imagenet_root, tmp_path,
                                                                                           monkeypatch):  # fmt: skip
     from resnet_lab.cli import main

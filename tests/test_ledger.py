@@ -128,6 +128,7 @@ def run_folders(root: Path) -> list[Path]:
     return [root / "logs" / f"{e}-scale1of2" / f"seed{s}" for e in EXPERIMENTS for s in SEEDS]
 
 
+@pytest.mark.slow
 def test_a_scaled_run_trains_its_fraction_and_says_so(runs):
     run = Run(run_folders(runs)[0])
     info = read_run_file(run.path)
@@ -150,6 +151,7 @@ def test_a_scaled_run_trains_its_fraction_and_says_so(runs):
     assert all(t["step"] == 3 and t["weights"] in ("final", "last.ckpt") for t in info["tests"])
 
 
+@pytest.mark.slow
 def test_record_then_results(runs, tmp_path, capsys):
     ledger = tmp_path / "results"
     paper(["record", *map(str, run_folders(runs)), "--ledger", str(ledger)])
@@ -194,6 +196,7 @@ def test_record_then_results(runs, tmp_path, capsys):
     assert readme.read_text().startswith("# a fork\n\n") and readme.read_text().endswith(f"{README_END}\n\nmore text\n")
 
 
+@pytest.mark.slow
 def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_path, capsys):
     ledger = tmp_path / "results"
     first, second = run_folders(runs)[:2]
@@ -212,6 +215,7 @@ def test_record_refuses_a_run_twice_and_leaves_the_ledger_as_it_was(runs, tmp_pa
     assert sorted(row["seed"] for row in read_ledger(ledger)) == ["0", "0", "1", "1"]  # 2 test subsets each
 
 
+@pytest.mark.slow
 def test_record_refuses_an_untested_run_and_a_folder_that_is_no_run(runs, tmp_path):
     run = run_folders(runs)[0]
     info = read_run_file(run)
@@ -257,6 +261,7 @@ def test_every_readme_figure_from_the_ledger_redraws_from_committed_curve_files(
         assert (tmp_path / f"{out.name}.csv").read_text() == committed
 
 
+@pytest.mark.slow
 def test_a_scaled_run_resumed_without_its_scale_is_refused(runs, tmp_path):
     last = run_folders(runs)[0] / "checkpoints" / "last.ckpt"
     refusal = r"^error: this checkpoint was trained with --schedule_scale 0.5 and is resumed with 1.0: resume it with"
@@ -265,6 +270,7 @@ def test_a_scaled_run_resumed_without_its_scale_is_refused(runs, tmp_path):
                   "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(last)])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_test_on_part_of_its_images_says_so(runs, tmp_path):
     run = tmp_path / "resnet20_cifar-scale1of2" / "seed0"
     shutil.copytree(run_folders(runs)[0], run)
@@ -278,6 +284,7 @@ def test_a_test_on_part_of_its_images_says_so(runs, tmp_path):
     assert "| all (limit_test_batches 2) |" in results_table(read_ledger(tmp_path / "results"))
 
 
+@pytest.mark.slow
 def test_a_scale_that_leaves_an_epoch_less_than_one_batch_is_one_line(runs, tmp_path):
     refusal = r"^error: Lightning cannot run this configuration: .*limit_train_batches.* choose a larger scale\)$"
     with pytest.raises(SystemExit, match=refusal):

@@ -314,6 +314,7 @@ STARTUP = re.compile(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: m.what)
 def test_a_mistake_is_one_clear_line(mistake, outcomes):
     if mistake.gpu_free and torch.cuda.is_available():

@@ -50,6 +50,7 @@ def seeded_runs(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_seeds_write_one_folder_per_seed_with_test_results(seeded_runs):
     runs = find_runs([seeded_runs / "logs" / "resnet20_cifar"])
     assert [r.name for r in runs] == ["resnet20_cifar/seed0", "resnet20_cifar/seed1"]
@@ -69,6 +70,7 @@ def test_seeds_can_print_one_command_per_seed(capsys):
     assert lines[0].endswith("--data.root /d")
 
 
+@pytest.mark.slow
 def test_curves_csv_holds_exactly_the_logged_scalars(seeded_runs, tmp_path):
     out = tmp_path / "fig6"
     paper(
@@ -93,6 +95,7 @@ def test_curves_csv_holds_exactly_the_logged_scalars(seeded_runs, tmp_path):
             assert written == logged and len(written) >= (6 if curve == "train" else 2)
 
 
+@pytest.mark.slow
 def test_table_reports_mean_std_best_and_the_paper(seeded_runs, tmp_path):
     out = tmp_path / "table6"
     paper(
@@ -169,6 +172,7 @@ def test_fig7_refuses_a_network_that_declares_no_response_layers():
         responses_of_3x3_layers(torchvision.models.resnet18())
 
 
+@pytest.mark.slow
 def test_responses_command_on_run_checkpoints(seeded_runs, tmp_path, capsys):
     checkpoints = [
         seeded_runs / "logs" / c / "seed0" / "checkpoints" / "last.ckpt" for c in ("plain20_cifar", "resnet20_cifar")
@@ -277,6 +281,7 @@ def test_export_to_torchvision_and_safetensors(tmp_path):
     load_torchvision_weights(ImageNetResNet(18, shortcut="B"), tmp_path / "tv.pth")
 
 
+@pytest.mark.slow
 def test_runs_give_their_data_module(seeded_runs):
     run = Run(seeded_runs / "logs" / "resnet20_cifar" / "seed0")
     data = run.datamodule(root=str(seeded_runs / "data"))
@@ -308,6 +313,7 @@ def test_table_never_merges_runs_of_one_experiment_with_different_networks(tmp_p
     assert "8.50 ± 0.71" in rows["resnet20_cifar (depth=20)"] and "30.00" in rows["resnet20_cifar (depth=8)"]
 
 
+@pytest.mark.slow
 def test_the_installed_package_needs_no_repository(seeded_runs, tmp_path):
     """`pip install .` (not editable), then the paper commands from another folder: nothing reads the checkout."""
     import subprocess

@@ -56,6 +56,7 @@ def test_checkpoint_of_another_architecture_or_class_count(trained):
     check_state_dict_matches(ImageClassifier(CifarResNet(20)), state, "the checkpoint")  # the right one fits
 
 
+@pytest.mark.slow
 def test_wrong_class_count_through_the_command_line(trained, cifar_root, tmp_path):
     # The data module links 100 classes into the net; the checkpoint has 10.
     folder = tmp_path / "cifar100" / "cifar-100-python"
@@ -90,6 +91,7 @@ def test_wrong_class_count_through_the_command_line(trained, cifar_root, tmp_pat
     assert "does not fit this model" in result.stderr and "[10, 64] vs [100, 64]" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph_step", [False, True], ids=["ordinary", "graph_step"])
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, graph_step):
     import lightning as L
@@ -146,6 +148,7 @@ for step in range(10**6):
 """
 
 
+@pytest.mark.slow
 def test_a_kill_while_a_checkpoint_is_written_never_leaves_a_corrupt_file(tmp_path):
     import random
     import signal

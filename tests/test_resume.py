@@ -21,6 +21,8 @@ from resnet_lab.paper.ledger import RecordError, ledger_rows
 from resnet_lab.paper.runs import Run
 from resnet_lab.records import read_run_file
 
+pytestmark = pytest.mark.slow  # processes killed and resumed
+
 MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 1 and 2
 # Presets stacked on the experiment, right after its config: the paper's recipe alone, and with the EMA of the
 # weights, whose average, live weights and update count must all come back from last.ckpt. (The graph step's exact
