@@ -19,6 +19,11 @@ from resnet_lab.schedules import WarmupCosineLR
 PRESETS = CONFIGS / "presets"
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # each run's folder under logs/ of the test's own folder, not the repository's
+
+
 def experiment(cifar_root: Path, *presets: str, extra: tuple[str, ...] = ()) -> list[str]:
     """ResNet-8 on the small on-disk CIFAR with `presets` stacked on the ResNet-20 experiment."""
     stacked = [flag for name in presets for flag in ("--config", str(PRESETS / f"{name}.yaml"))]
@@ -62,7 +67,6 @@ def test_label_smoothing_keeps_the_loss_of_a_perfect_prediction_positive(tmp_pat
 
 
 def test_cosine_follows_its_warmup_then_the_cosine_over_the_run(cifar_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     steps = ("--trainer.max_steps", "9", "--trainer.log_every_n_steps", "1")
     main(["fit", *experiment(cifar_root, "cosine", extra=(*steps, "--model.lr_scheduler.init_args.warmup_steps", "3"))])
     events = EventAccumulator(str(tmp_path / "logs" / "resnet20_cifar" / "version_0")).Reload()
@@ -125,7 +129,6 @@ def test_grad_clip_bounds_the_gradient_norm(cifar_root):
 
 
 def test_ema_averages_the_weights_and_a_resume_goes_on_exactly(cifar_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     run = experiment(cifar_root, "ema", extra=("--trainer.limit_train_batches", "4", "--trainer.deterministic", "true"))
     # Straight through 6 iterations (across an epoch boundary), keeping the state after iteration 3 as well.
     every_3 = ["--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "null"]
@@ -227,7 +230,6 @@ def test_repeated_augmentation_deals_each_image_s_copies_out_over_the_processes(
 
 
 def test_torchvision_s_resnet50_recipe_mixes_repeats_and_crops_as_it_says(imagenet_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     args = ["--config", str(CONFIGS / "resnet50_imagenet_tv2.yaml"), "--data.root", str(imagenet_root),
             "--data.crop_size", "64", "--data.eval_crop_size", "80", "--data.val_resize", "88",
             "--data.batch_size", "4", "--data.num_workers", "0", "--model.lr_scheduler.init_args.warmup_steps", "1",
@@ -286,7 +288,6 @@ def test_the_presets_stacked_wait_on_the_device_only_where_the_loggers_write(cif
     the CPU and read them there (`int(torch.randint(...))`, `float(Beta.sample())`, per image or per batch: host
     time, measured in the benchmark row, but no wait for the device), which a check on a CPU cannot tell from a
     value read off the device."""
-    monkeypatch.chdir(tmp_path)
     presets = ("label_smoothing", "cosine", "no_norm_weight_decay", "grad_clip", "ema")
     run = experiment(cifar_root, *presets, extra=("--trainer.max_steps", "7", "--trainer.log_every_n_steps", "4",
                      "--trainer.limit_val_batches", "0", "--model.lr_scheduler.init_args.warmup_steps", "2",
