@@ -42,7 +42,10 @@ for s in $STAGES; do
   case $s in
     tests)
       stage "tests"
-      python3 -m pytest -q -p no:cacheprovider tests/test_graph_step.py 2>&1 | tee "$OUT/tests.txt" | tail -5 ;;
+      # Every test of the file, end-to-end tier included, in one process: the device image has no pytest-xdist,
+      # which the project's addopts (-n auto) would ask for.
+      python3 -m pytest -q -o addopts="-ra" -p no:cacheprovider tests/test_graph_step.py 2>&1 | tee "$OUT/tests.txt" \
+        | tail -5 ;;
     speed20 | speed110)
       stage "$s"
       python3 benchmarks/train_speed.py --only graph --graph-depths "${s#speed}" "${ROUNDS[@]}" \
