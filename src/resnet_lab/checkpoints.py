@@ -52,7 +52,7 @@ def _in_allowed(module: str, trusted: Collection[str] = ()) -> bool:
     return any(module == allowed or module.startswith(f"{allowed}.") for allowed in (*ALLOWED_MODULES, *trusted))
 
 
-def _allowed(name: str, trusted: Collection[str] = ()) -> bool:
+def allowed_class(name: str, trusted: Collection[str] = ()) -> bool:
     """Whether `name` is an allowed class (or one the user's own code names, `trusted`), resolved as jsonargparse
     resolves it but only through real modules (a text check alone would pass `torchmetrics.os.system`, which
     jsonargparse reaches as an attribute)."""
@@ -109,7 +109,7 @@ def check_plain(
     `trusted`: names and modules that the user's own code names (a fork's classes, as its config names them);
     `parse_only`: a config that is parsed but never built, whose names need only come from `PARSED_PACKAGES`;
     `folder`: where its relative paths lead besides the working folder."""
-    allowed = partial(_parse_only if parse_only else _allowed, trusted=trusted)
+    allowed = partial(_parse_only if parse_only else allowed_class, trusted=trusted)
     again = partial(check_plain, source=source, trusted=trusted, parse_only=parse_only, folder=folder)
     if isinstance(tree, dict):
         for name, value in tree.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jsonargparse import Namespace
 
-from resnet_lab.checkpoints import DOTTED_NAME, check_plain, model_arguments, names_in, read_saved_config
+from resnet_lab.checkpoints import DOTTED_NAME, allowed_class, check_plain, model_arguments, names_in, read_saved_config
 from resnet_lab.errors import ConfigError, DataError
 from resnet_lab.scaled import OPTION as SCALE_OPTION
 from resnet_lab.scaled import other_scales, scaled_name
@@ -200,20 +200,15 @@ def run_differences(
     would, None if it cannot."""
     if not (run / "config.yaml").is_file():
         return ["no config.yaml this version can read"]
-    held = None
+    held, own, source = None, names_in(config.as_dict()), str(run / "config.yaml")
     try:  # a run folder is data: parsing it imports what it names, which is checked first
         held = read_saved_config(run / "config.yaml")
-        own, source = names_in(config.as_dict()), str(run / "config.yaml")
         check_plain({k: held.get(k) for k in ("model", "data")}, source, "", own, folder=run)
         check_plain({k: v for k, v in held.items() if k != "ckpt_path"}, source, "", own, True, run)
     except DataError as err:  # another run's doing: not the run this command names
         model = held.get("model") if isinstance(held, dict) else None
         theirs = model.get("class_path") if isinstance(model, dict) else None
-        if (
-            isinstance(theirs, str)
-            and DOTTED_NAME.fullmatch(theirs)
-            and f"model.class_path names '{theirs}'" in str(err)
-        ):
+        if isinstance(theirs, str) and DOTTED_NAME.fullmatch(theirs) and not allowed_class(theirs, own):
             # a fork's module, trained by its own command
             return [f"model {theirs}, which this command does not name (--model {theirs} does)"]
         return [f"a config.yaml this command does not read ({err})"]
