@@ -79,21 +79,27 @@ def cifar_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def imagenet_root(tmp_path: Path) -> Path:
-    """A tiny ImageFolder tree of real JPEG files: 6 ImageNet classes, 4 train and 2 val images each."""
+def write_tiny_imagenet(root: Path, train_per_class: int = 4, val_per_class: int = 2, classes: int = 6) -> Path:
+    """A tiny ImageFolder tree of real JPEG files of random pixels under root/imagenet: `classes` ImageNet classes
+    with `train_per_class` and `val_per_class` 40x48 images each."""
     import torch
     from torchvision.io import write_jpeg
 
     g = torch.Generator().manual_seed(0)
-    for split, count in (("train", 4), ("val", 2)):
-        for wnid in IMAGENETTE_WNIDS[:6]:
-            folder = tmp_path / "imagenet" / split / wnid
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for wnid in IMAGENETTE_WNIDS[:classes]:
+            folder = root / "imagenet" / split / wnid
             folder.mkdir(parents=True)
             for i in range(count):
                 image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g)
                 write_jpeg(image, str(folder / f"{wnid}_{i}.JPEG"))
-    return tmp_path / "imagenet"
+    return root / "imagenet"
+
+
+@pytest.fixture
+def imagenet_root(tmp_path: Path) -> Path:
+    """6 ImageNet classes, 4 train and 2 val JPEGs each."""
+    return write_tiny_imagenet(tmp_path)
 
 
 @pytest.fixture

@@ -250,3 +250,56 @@ def test_both_families_take_the_same_augmentations_and_mixing_and_apply_them_ali
     # An evaluation batch is only normalised, by both.
     a, b = (dm.on_after_batch_transfer((raw, labels, NO_AUGMENTATION), 0) for dm in (cifar, imagenet))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], labels)
+
+
+class Noise(torch.utils.data.Dataset):
+    """Item i: a uint8 image drawn from torch's global generator (as torchvision's random transforms draw), label i."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8), index
+
+
+def test_each_image_is_drawn_from_its_key_and_place_whichever_process_makes_it():
+    from resnet_lab.data.base import KeyedSamples
+
+    indices = torch.arange(8)
+    whole, labels, key = KeyedSamples(Noise())[(11, indices)]
+    assert key == 11 and torch.equal(labels, indices) and len(whole.unique(dim=0)) == 8
+    shares = [KeyedSamples(Noise(), rank, 2)[(11, indices[rank::2])][0] for rank in (0, 1)]
+    assert torch.equal(torch.stack(shares, dim=1).flatten(0, 1), whole)  # images rank::2 of the global batch
+    assert not torch.equal(KeyedSamples(Noise())[(12, indices)][0], whole)  # another batch's key, other draws
+    state = torch.get_rng_state()
+    KeyedSamples(Noise())[(11, indices)]
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's own stream is left as it was
+
+
+def test_the_dataloader_resumes_after_the_batches_training_took_not_those_its_workers_fetched():
+    from resnet_lab.data.augmentations import batch_key
+    from resnet_lab.data.base import BatchOrder, KeyedSamples, batch_loader
+
+    def loader() -> torch.utils.data.DataLoader:
+        return batch_loader(KeyedSamples(Noise()), BatchOrder(64, 8, True, seed=5), num_workers=2)
+
+    never_stopped = loader()
+    never_stopped.sampler.set_epoch(1)
+    expected = list(never_stopped)
+    stopped = loader()
+    batches = iter(stopped)  # as Lightning does: the iterator first, then the epoch
+    stopped.sampler.set_epoch(1)
+    taken = [next(batches) for _ in range(3)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 1, "position": 3, "seed": 5, "world_size": 1}  # the workers had fetched more
+    assert [key for _, _, key in taken] == [batch_key(5, 1, b) for b in range(3)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    batches = iter(resumed)
+    resumed.sampler.set_epoch(1)
+    rest = list(batches)
+    assert len(rest) == len(expected) - 3
+    for (images, labels, key), (images_, labels_, key_) in zip(rest, expected[3:], strict=True):
+        assert key == key_ and torch.equal(labels, labels_) and torch.equal(images, images_)
+    resumed.sampler.set_epoch(2)
+    assert len(list(resumed)) == len(expected)  # the next epoch is whole

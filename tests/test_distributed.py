@@ -371,13 +371,13 @@ class RecordSampler(Callback):
         sampler = loader.sampler
         self.record["epochs"].append({
             "class": f"{type(sampler).__module__}.{type(sampler).__qualname__}",
-            "batch_sampler_holds_it": loader.batch_sampler.sampler is sampler,
+            "whole_batches": loader.batch_sampler is None,
             "rank": sampler.rank,
             "num_replicas": sampler.num_replicas,
             "seed": sampler.seed,
             "epoch": sampler.epoch,
-            "order": list(sampler),
-            "samples": [(Path(path).name, target) for path, target in loader.dataset.samples],
+            "order": [i for _, batch in sampler for i in batch.tolist()],
+            "samples": [(Path(path).name, target) for path, target in loader.dataset.dataset.samples],
         })
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -441,14 +441,16 @@ def test_repeated_augmentation_under_ddp_deals_each_image_s_copies_to_both_proce
             # Lightning kept our sampler (a DistributedSampler, so not wrapped in its own) and moved it on to
             # each epoch; it was built with this process's real share of the run.
             assert seen["class"] == "resnet_lab.data.base.RepeatedAugmentationSampler"
-            assert seen["batch_sampler_holds_it"]
+            assert seen["whole_batches"]  # the sampler names whole batches
             share = (seen["rank"], seen["num_replicas"], seen["seed"], seen["epoch"])
             assert share == (rank, PROCESSES, RA_SEED, epoch)
             # ImageFolder's order is the files' order: the dataset's index k is the image whose red names k.
             assert seen["samples"] == [(f"{k:02d}.png", k // RA_PER_CLASS) for k in range(RA_IMAGES)]
-            expected = RepeatedAugmentationSampler(RA_IMAGES, RA_REPETITIONS, RA_SEED, rank, PROCESSES)
+            batch = RA_BATCH // PROCESSES
+            expected = RepeatedAugmentationSampler(RA_IMAGES, batch, RA_REPETITIONS, RA_SEED, rank, PROCESSES)
             expected.set_epoch(epoch)
-            assert seen["order"] == list(expected) and len(seen["order"]) == per_process
+            order = [i for _, indices in expected for i in indices.tolist()]
+            assert seen["order"] == order and len(seen["order"]) == per_process
         assert len(record["epochs"]) == epochs
         assert record["steps"] == [(s // steps_per_epoch, s % steps_per_epoch, s) for s in range(RA_STEPS)]
 
@@ -472,3 +474,116 @@ def test_repeated_augmentation_under_ddp_deals_each_image_s_copies_to_both_proce
         assert len(copies) == RA_IMAGES // RA_REPETITIONS and set(copies.values()) == {RA_REPETITIONS}
         assert set(trained[epoch, 0]) == set(trained[epoch, 1]) == set(copies)
     assert set(trained[0, 0]) != set(trained[1, 0])  # the second epoch draws other images
+
+
+ELASTIC_PROBE = '''
+"""Test-only: paces training, says where each process is, and records the batches it trains on."""
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+
+class Elastic(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out = Path(out_dir)
+        self.record = {}  # global step -> the normalised inputs and labels this process trained on
+
+    def name(self, trainer, what: str) -> Path:
+        return self.out / f"{what}-rank{trainer.global_rank}-restart{os.environ['TORCHELASTIC_RESTART_COUNT']}"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.name(trainer, "pid").write_text(str(os.getpid()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record[trainer.global_step] = [t.detach().cpu().clone() for t in batch]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.name(trainer, "step").write_text(str(trainer.global_step))
+        time.sleep(0.3)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(self.record, self.name(trainer, "batches"))
+'''
+ELASTIC_STEPS = 25  # 160 images in global batches of 16: 10 iterations per epoch
+ELASTIC_CHECKPOINT = 3  # --periodic_checkpoint.every_n_train_steps
+
+
+def torchrun_train(out: Path, work: Path, max_restarts: int) -> subprocess.Popen:
+    """scripts/torchrun_train.sh under torchrun's elastic agent, 2 CPU processes, each with 2 loader workers, on the
+    ImageNet-layout folder work/imagenet, run in `out`."""
+    out.mkdir()
+    command = [
+        *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)),
+        *("--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "--no-python"),
+        str(REPO / "scripts" / "torchrun_train.sh"),
+        str(CONFIGS / "resnet18_imagenette.yaml"),
+        *("--data.root", str(work / "imagenet"), "--data.batch_size", "16", "--data.num_workers", "2"),
+        *("--data.crop_size", "32", "--data.val_resize", "36", "--data.test_scales", "[32]"),
+        *("--data.train_augmentation.init_args.scale_range", "[36,48]"),
+        *("--trainer.accelerator", "cpu", "--trainer.devices", str(PROCESSES), "--trainer.strategy", "ddp"),
+        *("--trainer.max_steps", str(ELASTIC_STEPS), "--trainer.deterministic", "true"),
+        *("--periodic_checkpoint.every_n_train_steps", str(ELASTIC_CHECKPOINT)),
+        *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
+        *("--trainer.logger.init_args.log_graph", "false"),
+        *("--trainer.callbacks+=elastic_probe.Elastic", "--trainer.callbacks.out_dir", str(out)),
+    ]
+    env = {**subprocess_env(REPO / "src", work), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # as docs/distributed.md prescribes
+    env.pop("RESNET_LAB_DATA", None)
+    with (out / "output.txt").open("w") as log:
+        return subprocess.Popen([sys.executable, *command], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def elastic_run(out: Path) -> Path:
+    [folder] = (out / "logs" / "torchrun").glob("*/resnet18_imagenette/version_*")
+    return folder
+
+
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_never_stopped(tmp_path):
+    """torchrun --max-restarts 1 with scripts/torchrun_train.sh: rank 1 is SIGKILLed mid-epoch; the agent restarts
+    both processes, which resume from the run's last.ckpt in the same run folder. Each rank then trains on exactly
+    its share of the batches of the run never stopped (DataLoader workers, ImageNet layout), and the run ends with
+    its weights, bit for bit: a crash costs only the iterations since the last checkpoint, trained again."""
+    import os
+    import signal
+    import time
+
+    from conftest import write_tiny_imagenet
+
+    work = tmp_path
+    (work / "elastic_probe.py").write_text(ELASTIC_PROBE)
+    write_tiny_imagenet(work, train_per_class=40, val_per_class=3, classes=4)
+    reference = torchrun_train(work / "reference", work, max_restarts=0)
+    finish(reference, work / "reference")
+
+    out = work / "killed"
+    killed = torchrun_train(out, work, max_restarts=1)
+    deadline = time.monotonic() + 300
+    step = out / "step-rank1-restart0"
+    while not (step.exists() and step.read_text() and int(step.read_text()) >= 14):  # epoch 1, after iteration 12's
+        assert killed.poll() is None and time.monotonic() < deadline, (out / "output.txt").read_text()[-4000:]
+        time.sleep(0.1)
+    os.kill(int((out / "pid-rank1-restart0").read_text()), signal.SIGKILL)
+    finish(killed, out)
+    output = (out / "output.txt").read_text()
+    assert "restart 1: resuming from" in output, output[-4000:]
+
+    run = elastic_run(out)
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # the same run went on
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    expected = torch.load(elastic_run(work / "reference") / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == expected["global_step"] == ELASTIC_STEPS
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, saved["state_dict"][key]), key
+    for rank in range(PROCESSES):
+        before = torch.load(work / "reference" / f"batches-rank{rank}-restart0", weights_only=False)
+        after = torch.load(out / f"batches-rank{rank}-restart1", weights_only=False)
+        resumed_at = min(after)  # the last checkpoint before the kill: what the crash cost
+        assert 12 <= resumed_at <= 15 and resumed_at % ELASTIC_CHECKPOINT == 0
+        assert sorted(after) == list(range(resumed_at, ELASTIC_STEPS))
+        for step_, (inputs, labels) in after.items():
+            assert torch.equal(inputs, before[step_][0]) and torch.equal(labels, before[step_][1]), (rank, step_)

@@ -19,7 +19,8 @@ from resnet_lab.data import (
     PCALighting,
     TorchvisionRecipeAugmentation,
 )
-from resnet_lab.data.augmentations import KEYED_AT_TRANSFER
+from resnet_lab.data.augmentations import batch_key
+from resnet_lab.data.base import run_seed
 from resnet_lab.data.ilsvrc_val import build_class_folders
 from resnet_lab.data.ilsvrc_val import main as ilsvrc_val_main
 from resnet_lab.data.imagenet import (
@@ -213,7 +214,7 @@ def test_real_imagenette_subset(shared_data):
     assert dm.class_names[dm.classes.index("n03888257")] == "parachute, chute"
     images, labels, key = next(iter(dm.train_dataloader()))
     assert images.shape == (8, 3, 112, 112) and images.dtype == torch.uint8 and labels.max() < 10
-    assert key == KEYED_AT_TRANSFER
+    assert key == batch_key(run_seed(), 0, 0)  # the first batch of epoch 0
 
 
 @pytest.mark.slow
@@ -301,7 +302,7 @@ def test_the_paper_s_colour_noise_runs_on_the_device_with_alexnet_s_distribution
     dm = datamodule(imagenet_root)
     transforms = dm.batch_transforms
     raw, labels, key = next(iter(dm.train_dataloader()))
-    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 32, 32) and key == KEYED_AT_TRANSFER
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 32, 32) and key == batch_key(run_seed(), 0, 0)
     images, _ = transforms(raw, labels, 7)
     # Each image is shifted by one colour, eigvec @ (alpha * eigval), alpha the image's draw from the batch's key.
     alpha = PCALighting(0.1).draw(4, torch.Generator().manual_seed(7))
@@ -378,17 +379,16 @@ def test_the_same_seed_trains_the_same_imagenet_weights_and_an_old_run_folder_st
 
 
 class KeyRecording(ImageNetDataModule):
-    """Keeps the key each training batch got at the transfer."""
+    """Keeps the key of each training batch it transforms."""
 
-    def key_at_transfer(self) -> int:
-        self.keys.append(super().key_at_transfer())
-        return self.keys[-1]
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer.training:
+            self.keys.append(batch[2])
+        return super().on_after_batch_transfer(batch, dataloader_idx)
 
 
 def test_training_batches_are_keyed_by_iteration_and_each_accumulated_micro_batch_by_its_own(imagenet_root, tmp_path):
     import lightning as L
-
-    from resnet_lab.data.augmentations import batch_key
 
     L.seed_everything(3)
     dm = KeyRecording(root=str(imagenet_root), **SMALL)

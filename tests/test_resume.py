@@ -1,5 +1,6 @@
 """A run killed (SIGKILL) or stopped by a scheduler (SIGTERM, SIGUSR1) resumes with `--ckpt_path last` and ends with
-exactly the weights and logged metrics of a run never interrupted (CPU, deterministic). Real processes, real
+exactly the weights and logged metrics of a run never interrupted (CPU, deterministic), on every loader: CIFAR's
+device batches, CIFAR's DataLoader with workers, an ImageNet-layout folder with workers. Real processes, real
 signals, real files."""
 
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch
+from conftest import CONFIGS, REPO, subprocess_env, write_cifar_batch, write_tiny_imagenet
 from resnet_lab.paper.ledger import RecordError, ledger_rows
 from resnet_lab.paper.runs import Run
 from resnet_lab.records import read_run_file
@@ -28,6 +29,21 @@ MAX_STEPS = 25  # 10 iterations per epoch: the interruptions fall inside epochs 
 # weights, whose average, live weights and update count must all come back from last.ckpt. (The graph step's exact
 # resume is tested in test_graph_step.py, in process.)
 PRESETS = {"paper": (), "ema": ("--config", str(CONFIGS / "presets" / "ema.yaml"))}
+# Each loader's experiment and its settings for a small run: 160 training images in batches of 16, 10 per epoch.
+CIFAR = ("resnet20_cifar", "--data.val_size", "40", "--model.backbone.init_args.depth", "8")
+WORKERS = ("--data.num_workers", "2")
+IMAGENET = ("--data.crop_size", "32", "--data.val_resize", "36", "--data.test_scales", "[32]")
+LOADERS = {
+    "device": CIFAR,
+    "dataloader": (*CIFAR, "--data.loader", "dataloader", *WORKERS),
+    "imagenet": (
+        "resnet18_imagenette",
+        *IMAGENET,
+        "--data.train_augmentation.init_args.scale_range",
+        "[36,48]",
+        *WORKERS,
+    ),
+}
 
 # Slows each iteration down so that a signal lands mid-run, and reports progress on stdout. It holds no state that
 # could change what is computed.
@@ -50,26 +66,26 @@ def workspace(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         write_cifar_batch(folder / name, rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 40))
+    write_tiny_imagenet(root / "data", train_per_class=40, val_per_class=3, classes=4)
     (root / "pace.py").write_text(PACE)
     return root
 
 
-def command(workspace: Path, *extra: str, preset: str = "paper") -> list[str]:
+def command(workspace: Path, *extra: str, preset: str = "paper", loader: str = "device") -> list[str]:
+    experiment, *settings = LOADERS[loader]
+    root = workspace / "data" / ("imagenet" if loader == "imagenet" else "")
     return [
         sys.executable,
         str(REPO / "main.py"),
         "fit",
         "--config",
-        str(CONFIGS / "resnet20_cifar.yaml"),
+        str(CONFIGS / f"{experiment}.yaml"),
         *PRESETS[preset],
         "--data.root",
-        str(workspace / "data"),
-        "--data.val_size",
-        "40",
+        str(root),
         "--data.batch_size",
         "16",
-        "--model.backbone.init_args.depth",
-        "8",
+        *settings,
         "--trainer.max_steps",
         str(MAX_STEPS),
         "--trainer.deterministic",
@@ -86,20 +102,26 @@ def command(workspace: Path, *extra: str, preset: str = "paper") -> list[str]:
     ]
 
 
-def run(workspace: Path, folder: str, *extra: str, preset: str = "paper", **popen) -> subprocess.Popen:
+def run(
+    workspace: Path, folder: str, *extra: str, preset: str = "paper", loader: str = "device", **popen
+) -> subprocess.Popen:
     cwd = workspace / folder
     cwd.mkdir(exist_ok=True)
     env = subprocess_env(workspace)
-    return subprocess.Popen(command(workspace, *extra, preset=preset), cwd=cwd, env=env, text=True, **popen)
+    return subprocess.Popen(
+        command(workspace, *extra, preset=preset, loader=loader), cwd=cwd, env=env, text=True, **popen
+    )
 
 
-def finished(process: subprocess.Popen, timeout: float = 300) -> None:
+def finished(process: subprocess.Popen, timeout: float = 300) -> str:
+    """The process's stderr, once it has ended well."""
     out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, (out or "") + (err or "")[-3000:]
+    return err or ""
 
 
-def run_dir(workspace: Path, folder: str) -> Path:
-    return workspace / folder / "logs" / "resnet20_cifar" / "version_0"
+def run_dir(workspace: Path, folder: str, loader: str = "device") -> Path:
+    return workspace / folder / "logs" / LOADERS[loader][0] / "version_0"
 
 
 def scalars(events: Path) -> dict[tuple[str, int], float]:
@@ -161,16 +183,17 @@ def assert_resumed_like(reference: Path, resumed: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def references(workspace: Path) -> Callable[[str], Path]:
-    """The uninterrupted run of each preset, run once for the module when a test first asks for it."""
-    done: dict[str, Path] = {}
+def references(workspace: Path) -> Callable[[str, str], Path]:
+    """The uninterrupted run of each preset and loader, run once for the module when a test first asks for it."""
+    done: dict[tuple[str, str], Path] = {}
 
-    def reference(preset: str) -> Path:
-        if preset not in done:
-            folder = "reference" if preset == "paper" else f"reference-{preset}"
-            finished(run(workspace, folder, preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-            done[preset] = run_dir(workspace, folder)
-        return done[preset]
+    def reference(preset: str, loader: str = "device") -> Path:
+        if (preset, loader) not in done:
+            folder = f"reference-{preset}-{loader}"
+            pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            finished(run(workspace, folder, preset=preset, loader=loader, **pipes))
+            done[preset, loader] = run_dir(workspace, folder, loader)
+        return done[preset, loader]
 
     return reference
 
@@ -187,19 +210,23 @@ def wait_for_iteration(process: subprocess.Popen, iteration: int) -> None:
     pytest.fail(f"the run ended before iteration {iteration}: {process.stderr.read()[-3000:]}")
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, references, preset):
-    reference = references(preset)
-    folder = "killed" if preset == "paper" else f"killed-{preset}"
+@pytest.mark.parametrize(
+    ("preset", "loader"), [("paper", "device"), ("ema", "device"), ("paper", "dataloader"), ("paper", "imagenet")]
+)
+def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, references, preset, loader):
+    reference = references(preset, loader)
+    folder = f"killed-{preset}-{loader}"
     periodic = ["--periodic_checkpoint.every_n_train_steps", "3"]  # 25 iterations: the last write is a validation's
     pace = ["--trainer.callbacks+=pace.Pace", *periodic]
-    killed = run(workspace, folder, *pace, preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed = run(workspace, folder, *pace, preset=preset, loader=loader, **pipes)
     wait_for_iteration(killed, 14)  # epoch 1, after the checkpoint of iteration 12
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
-    last = run_dir(workspace, folder) / "checkpoints" / "last.ckpt"
+    last = run_dir(workspace, folder, loader) / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert 12 <= saved["global_step"] < MAX_STEPS and saved["global_step"] % 3 == 0
+    # The batches training took in this epoch, not the ones the workers had fetched ahead.
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == saved["global_step"] % 10
     if preset == "ema":
         # The checkpoint the resume starts from holds a real average, of every iteration so far, and it is not the
@@ -214,16 +241,14 @@ def test_a_run_killed_mid_epoch_resumes_bit_identically(workspace, references, p
         assert "current_model_state" not in saved and not ema_states(saved)
 
     # Determinism: the same seed and config in another process logged the same values, bit for bit, until the kill.
-    before_kill = scalars(next(run_dir(workspace, folder).glob("events.out.tfevents.*")))
+    before_kill = scalars(next(run_dir(workspace, folder, loader).glob("events.out.tfevents.*")))
     expected = scalars(next(reference.glob("events.out.tfevents.*")))
     assert len(before_kill) > 10 and all(value == expected[key] for key, value in before_kill.items())
 
-    resumed = run(
-        workspace, folder, *pace, "--ckpt_path", "last", preset=preset, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    finished(resumed)
-    assert_resumed_like(reference, run_dir(workspace, folder))
-    assert not (run_dir(workspace, folder).parent / "version_1").exists()  # the same run goes on
+    resumed = run(workspace, folder, *pace, "--ckpt_path", "last", preset=preset, loader=loader, **pipes)
+    assert "not resumable" not in finished(resumed)  # Lightning's warning about a loader it cannot resume
+    assert_resumed_like(reference, run_dir(workspace, folder, loader))
+    assert not (run_dir(workspace, folder, loader).parent / "version_1").exists()  # the same run goes on
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])

@@ -20,9 +20,6 @@ from torch import Tensor, nn
 from resnet_lab.errors import ConfigError
 
 NO_AUGMENTATION = -1  # the key of an evaluation batch: normalised only
-# The key of a training batch whose loader cannot know which batch of the run it makes (ImageNet's DataLoader
-# workers): the data module keys it at the transfer, from the trainer's progress.
-KEYED_AT_TRANSFER = -2
 
 
 class Standardize(nn.Module):
@@ -115,8 +112,7 @@ class EachImage(BatchAugmentation):
 
     def draw(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """[batch_size, 1]: each image's seed, on the host."""
-        host = torch.Generator().manual_seed((generator.initial_seed() + self.salt) % 2**63)
-        return torch.randint(0, 2**62, (batch_size, 1), generator=host)
+        return image_seeds(generator.initial_seed() + self.salt, batch_size)[:, None]
 
     def apply(self, images: Tensor, draws: Tensor) -> Tensor:
         if images.is_floating_point():
@@ -189,6 +185,12 @@ def checked_augmentations(augmentations: Sequence[BatchAugmentation]) -> list[Ba
 def batch_key(seed: int, epoch: int, index: int) -> int:
     """One seed per (seed, epoch, batch), by arithmetic: the same on every platform, no state to replay."""
     return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
+
+
+def image_seeds(key: int, count: int) -> Tensor:
+    """A seed for each of `count` images from one key, drawn on the host: for transforms of one image at a time,
+    which draw from torch's global generator."""
+    return torch.randint(0, 2**62, (count,), generator=torch.Generator().manual_seed(key % 2**63))
 
 
 def to_input(images: Tensor | list, normalize: Standardize) -> Tensor | list:

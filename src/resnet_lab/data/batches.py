@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 # The augmentation protocol lived here before it served every data module: run folders saved before name its classes
 # here (`resnet_lab.data.batches.EachImage`), so they still import from here.
@@ -27,76 +27,7 @@ from resnet_lab.data.augmentations import (  # noqa: F401
     PadCropFlip,
     batch_key,
 )
-from resnet_lab.data.base import ClassificationDataModule, run_seed
-
-
-class BatchOrder(DistributedSampler):
-    """Which images form each batch: a seeded permutation per training epoch (the order in evaluation), cut into
-    global batches, of which this process takes the images `rank::world_size`. Yields (key, indices) per batch and
-    reports its position (`state_dict`), so that a run resumed mid-epoch continues with the next batch.
-
-    A `DistributedSampler` only so that Lightning, under data parallelism, does not wrap it in one of its own: it
-    already gives each process its share.
-
-    Args:
-        size: images in the split.
-        batch_size: images per batch of this process (the global batch is batch_size x world_size).
-        train: shuffle every epoch and drop the last incomplete batch.
-        seed: the permutation of epoch e uses seed + e.
-        rank, world_size: this process's share under data parallelism.
-        device: where the permutation is drawn: the device that holds the split, so that indexing it needs no copy
-            (the permutations of a CPU and a GPU differ).
-    """
-
-    def __init__(
-        self,
-        size: int,
-        batch_size: int,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.size, self.batch_size, self.train, self.device = size, batch_size, train, torch.device(device)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        # What Lightning reads of a DistributedSampler (DistributedSampler.__init__ would query the process group).
-        self.num_replicas, self.shuffle, self.drop_last = world_size, train, train
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch handed out
-        self.resume_at: tuple[int, int] | None = None  # (epoch, position) from a checkpoint
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def state_dict(self) -> dict[str, int]:
-        # Lightning does not prefetch from a loader with a length, so `position` is what training consumed.
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        # With another number of processes or seed the batches differ anyway: start the epoch afresh.
-        if state.get("world_size") == self.world_size and state.get("seed") == self.seed:
-            self.resume_at = (state["epoch"], state["position"])
-
-    def __len__(self) -> int:
-        step = self.batch_size * self.world_size
-        return self.size // step if self.train else -(-self.size // step)
-
-    def __iter__(self) -> Iterator[tuple[int, Tensor]]:
-        step = self.batch_size * self.world_size
-        if self.train:
-            generator = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, device=self.device, generator=generator)
-        else:
-            order = torch.arange(self.size, device=self.device)
-        start = self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
-        self.resume_at, self.position = None, start
-        for batch in range(start, len(self)):
-            indices = order[batch * step : (batch + 1) * step][self.rank :: self.world_size]
-            if not len(indices):  # an evaluation share one image shorter than the others
-                return
-            self.position = batch + 1
-            yield (batch_key(self.seed, self.epoch, batch) if self.train else NO_AUGMENTATION), indices
+from resnet_lab.data.base import BatchOrder, ClassificationDataModule, batch_loader, run_seed
 
 
 class ImageSplit(Dataset):
@@ -144,21 +75,7 @@ class DeviceBatches:
         return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        for batch in self.order:
-            yield self.split[batch]
-
-
-def dataloader_batches(split: ImageSplit, order: BatchOrder, num_workers: int) -> DataLoader:
-    """The same batches as `DeviceBatches`, gathered in `num_workers` processes from host memory and copied to the
-    device (for splits that should not occupy device memory)."""
-    return DataLoader(
-        split,
-        sampler=order,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-    )
+        return self.order.taken(self.split[batch] for batch in self.order)
 
 
 class InMemoryDataModule(ClassificationDataModule):
@@ -205,4 +122,10 @@ class InMemoryDataModule(ClassificationDataModule):
         order = BatchOrder(len(split), self.process_batch_size, train, self.data_seed, rank, world_size, device)
         if on_device:
             return DeviceBatches(split.images.to(device), split.labels.to(device), order)
-        return dataloader_batches(split, order, self.num_workers)
+        return batch_loader(split, order, self.num_workers)
+
+    def train_dataloader(self) -> DeviceBatches | DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def eval_loader(self, split: ImageSplit | None) -> DeviceBatches | DataLoader:
+        return self._loader(split, train=False)

@@ -12,20 +12,25 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.data.augmentations import (
-    KEYED_AT_TRANSFER,
     NO_AUGMENTATION,
     BatchAugmentation,
     MixBatch,
     Standardize,
 )
-from resnet_lab.data.base import ClassificationDataModule, RepeatedAugmentationSampler, resolve_root, run_seed
+from resnet_lab.data.base import (
+    BatchOrder,
+    ClassificationDataModule,
+    RepeatedAugmentationSampler,
+    resolve_root,
+    run_seed,
+)
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -218,11 +223,6 @@ class MultiScaleViews(nn.Module):
         return views
 
 
-def collate_training(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
-    # Workers cannot know which batch of the run they make: the data module keys the batch at the transfer.
-    return (*default_collate(samples), KEYED_AT_TRANSFER)
-
-
 def collate_evaluation(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
     return (*default_collate(samples), NO_AUGMENTATION)
 
@@ -373,14 +373,13 @@ class ImageNetDataModule(ClassificationDataModule):
         # The ILSVRC validation set doubles as the test set: the paper's tables report it.
         self.val_set = self.test_set = self._folder("val", self.eval_transform())
 
-    def train_sampler(self, dataset: Dataset) -> RepeatedAugmentationSampler | None:
+    def train_order(self, size: int) -> BatchOrder:
         if self.repeated_augmentations == 1:
-            return None
-        return RepeatedAugmentationSampler(len(dataset), self.repeated_augmentations, run_seed(), *self._share())
+            return super().train_order(size)
+        repetitions, share = self.repeated_augmentations, self._share()
+        return RepeatedAugmentationSampler(size, self.process_batch_size, repetitions, run_seed(), *share)
 
-    def collate_fn(self, train: bool) -> Callable:
-        if train:
-            return collate_training
+    def eval_collate_fn(self) -> Callable:
         return collate_view_lists if self.eval_mode == "multi_scale" else collate_evaluation
 
     @property
