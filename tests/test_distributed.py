@@ -184,7 +184,7 @@ def runs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("distributed")
     (work / "ddp_probe.py").write_text(PROBE)
     train_images = write_tagged_cifar(work / "data")
-    # num_workers 0: the transforms run in the training process, whose global RNG the data module offsets by rank.
+    # num_workers 0: the batches are gathered in the training process (the workers' path is test_resume.py's).
     dataloader = ("--data.loader", "dataloader", "--data.num_workers", "0")
     launched = {
         "single": (launch("single", work / "data", work, 1), 1),
