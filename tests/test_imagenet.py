@@ -273,8 +273,9 @@ def test_evaluation_on_the_device_gives_the_inputs_and_logits_of_the_worker_norm
     root = shared_data / "imagenette-mini"
     if not root.is_dir():
         pytest.skip("imagenette-mini not found beside the real CIFAR-10")
+    # The whole image decoded, as then: val_resize 56 would otherwise decode these 224x224 JPEGs at 1/4.
     dm = ImageNetDataModule(root=str(root), batch_size=3, crop_size=48, val_resize=56, eval_mode=mode,
-                            test_scales=(48, 64), num_workers=0)  # fmt: skip
+                            test_scales=(48, 64), num_workers=0, decoder="torchvision")  # fmt: skip
     dm.setup("validate")
     raw, images, labels = transformed(dm, dm.val_dataloader())[0]
     before = worker_normalised(dm)
@@ -398,3 +399,28 @@ def test_training_batches_are_keyed_by_iteration_and_each_accumulated_micro_batc
     trainer.fit(model, datamodule=dm)
     # 24 images in batches of 4: 6 batches, 3 iterations of 2 micro-batches, in epoch 0.
     assert dm.keys == [batch_key(3, 0, i) for i in range(6)]
+
+
+def test_the_decoder_switch_reaches_every_split_and_a_reduced_decode_keeps_the_view(tmp_path):
+    from torchvision.io import write_jpeg
+
+    # Smooth 480x640 photographs-to-be (a reduced decode of noise would average it away): evaluated at val_resize 36,
+    # which the default decoder reads at 1/8.
+    y, x = torch.meshgrid(torch.arange(480), torch.arange(640), indexing="ij")
+    for split in ("train", "val"):
+        for c, wnid in enumerate(IMAGENETTE_WNIDS[:2]):
+            folder = tmp_path / split / wnid
+            folder.mkdir(parents=True)
+            image = torch.stack([x * 255 // 640, y * 255 // 480, (x + y + 100 * c) % 256]).to(torch.uint8)
+            write_jpeg(image, str(folder / "0.JPEG"), quality=90)
+    views = {}
+    for decoder in ("torchvision", "pil", "simplejpeg"):
+        dm = ImageNetDataModule(root=str(tmp_path), **{**SMALL, "decoder": decoder})
+        dm.setup("fit")
+        assert dm.train_set.decoder == dm.val_set.decoder == decoder
+        views[decoder] = dm.val_set[0][0]
+    assert ImageNetDataModule(root=str(tmp_path), **SMALL).decoder == "simplejpeg"  # the default
+    for decoder in ("pil", "simplejpeg"):
+        assert views[decoder].shape == views["torchvision"].shape == (3, 32, 32)
+        difference = (views[decoder].float() - views["torchvision"].float()).abs()
+        assert 0 < difference.mean() < 3  # decoded at 1/8, not whole: resampling error only

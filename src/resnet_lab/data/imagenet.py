@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -31,6 +30,7 @@ from resnet_lab.data.base import (
     resolve_root,
     run_seed,
 )
+from resnet_lab.data.decode import DEFAULT_DECODER, Decoder, read_rgb, read_transformed
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,6 @@ def imagenet_class_names() -> dict[str, str]:
     """wnid -> human-readable name for the 1000 ImageNet-1k classes, in class-index order."""
     text = files("resnet_lab.data").joinpath("imagenet_synsets.txt").read_text()
     return dict(line.split(" ", 1) for line in text.splitlines() if line.strip())
-
-
-def read_rgb(path: str) -> Tensor:
-    """Decode a JPEG/PNG, grayscale included, to uint8 RGB [3, H, W]."""
-    with warnings.catch_warnings():
-        # torchvision 0.29 points to TorchCodec for decoding; its own decoder is still the one that ships.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(path, mode=ImageReadMode.RGB)
 
 
 class PCALighting(BatchAugmentation):
@@ -233,14 +225,18 @@ def collate_view_lists(samples: list[tuple[list[Tensor], int]]) -> tuple[list[li
 
 
 class ImageFolderDataset(ImageFolder):
-    """ImageFolder that names an unreadable image, or with `skip_corrupt` replaces it by the next one and counts it.
+    """ImageFolder that decodes with `decoder` (at a reduced size where the transform shrinks the image anyway:
+    `read_transformed`), names an unreadable image, or with `skip_corrupt` replaces it by the next one and counts it.
 
     The count lives in shared memory so that skips in DataLoader worker processes add up.
     """
 
-    def __init__(self, root: str, transform: nn.Module, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, root: str, transform: nn.Module, skip_corrupt: bool = False, decoder: Decoder = DEFAULT_DECODER
+    ) -> None:
         super().__init__(root, transform=transform, loader=read_rgb)
         self.skip_corrupt = skip_corrupt
+        self.decoder = decoder
         self.skipped = multiprocessing.Value("l", 0)
 
     def __deepcopy__(self, memo: dict) -> "ImageFolderDataset":
@@ -256,7 +252,7 @@ class ImageFolderDataset(ImageFolder):
         for offset in range(len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = read_rgb(path)
+                image = read_transformed(path, self.transform, self.decoder)
             except (RuntimeError, ValueError, OSError) as err:
                 if not self.skip_corrupt:
                     raise DataError(
@@ -266,7 +262,7 @@ class ImageFolderDataset(ImageFolder):
                     self.skipped.value += 1
                 warnings.warn(f"skipped unreadable image {path}", stacklevel=1)
                 continue
-            return self.transform(image), target
+            return image, target
         raise DataError(f"no image under {self.root} could be decoded")
 
 
@@ -296,6 +292,9 @@ class ImageNetDataModule(ClassificationDataModule):
             convolutionally at each of `test_scales` and flipped, softmax averaged; Table 4).
         test_scales: shorter sides of the "multi_scale" mode.
         skip_corrupt: replace unreadable images by the next readable one and report how many, instead of stopping.
+        decoder: how JPEGs are decoded: "simplejpeg" (libjpeg-turbo, at 1/2, 1/4 or 1/8 of the size where the first
+            step of the transform shrinks the image at least that much: the same crops, to resampling error), "pil"
+            (the same through PIL, slower), "torchvision" (torchvision.io, always the whole image).
         num_workers: decoding processes; None follows the machine.
         augmentations: applied in order to every training batch on the device, after `train_augmentation`'s own
             (the same `BatchAugmentation`s as CIFAR's, e.g. the presets' `EachImage`); None or [] for none.
@@ -324,6 +323,7 @@ class ImageNetDataModule(ClassificationDataModule):
         augmentations: list[BatchAugmentation] | None = None,
         mixing: MixBatch | None = None,
         repeated_augmentations: int = 1,
+        decoder: Decoder = DEFAULT_DECODER,
     ) -> None:
         super().__init__(batch_size, num_workers, augmentations or [], mixing)
         self.eval_crop_size = crop_size if eval_crop_size is None else eval_crop_size
@@ -344,6 +344,7 @@ class ImageNetDataModule(ClassificationDataModule):
         self.eval_mode = eval_mode
         self.test_scales = tuple(test_scales)
         self.skip_corrupt = skip_corrupt
+        self.decoder = decoder
         self.normalize = imagenet_standardize()
 
     def train_transform(self) -> nn.Module:
@@ -365,7 +366,7 @@ class ImageNetDataModule(ClassificationDataModule):
         split_dir = self.root / split
         if class_folders(split_dir) != self.classes:
             raise DatasetNotFoundError(f"{split_dir} must hold the same class folders as {self.root / 'train'}")
-        return ImageFolderDataset(str(split_dir), transform, self.skip_corrupt)
+        return ImageFolderDataset(str(split_dir), transform, self.skip_corrupt, self.decoder)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
