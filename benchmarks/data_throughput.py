@@ -64,7 +64,7 @@ def reduced_share(paths: list[str], transform: nn.Module) -> float:
     torch.manual_seed(0)
     reduced = 0
     for path in paths:
-        with Image.open(path) as image:
+        with Image.open(path, formats=["JPEG", "PNG"]) as image:
             width, height = image.size
             jpeg = image.format == "JPEG"
         step = reduced_first_step(transform, height, width) if jpeg else None
@@ -73,7 +73,7 @@ def reduced_share(paths: list[str], transform: nn.Module) -> float:
 
 
 def mean_size(paths: list[str]) -> str:
-    sizes = [Image.open(path).size for path in paths]
+    sizes = [Image.open(path, formats=["JPEG", "PNG"]).size for path in paths]
     return f"{sum(w for w, _ in sizes) / len(sizes):.0f}x{sum(h for _, h in sizes) / len(sizes):.0f}"
 
 
@@ -84,7 +84,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="images decoded per row and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decoders", nargs="+", default=list(get_args(Decoder)), choices=get_args(Decoder))
-    parser.add_argument("--json", default="benchmarks/data_throughput.json")
+    parser.add_argument(
+        "--json", help="also write the rows there (the committed runs: benchmarks/data_throughput_run*.json)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process runs single-threaded
     scale = (round(args.crop_size * 256 / 224), round(args.crop_size * 480 / 224))
@@ -147,7 +149,8 @@ def main() -> None:
             f"{r['images_per_s_per_worker']:.0f} | {' / '.join(f'{v:.0f}' for v in r['rounds'])} | {ratio} | "
             f"{r['cores_for_3000_per_s']:.1f} | {share} |"
         )
-    Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", help="WIDTHxHEIGHT of every image, instead of the distribution")
     args = parser.parse_args()
-    fixed = tuple(int(side) for side in args.size.split("x")) if args.size else None
+    try:
+        fixed = tuple(int(side) for side in args.size.split("x")) if args.size else None
+    except ValueError:
+        fixed = ()
+    if fixed is not None and len(fixed) != 2:
+        parser.error(f"--size {args.size}: give WIDTHxHEIGHT, e.g. 1024x768")
     sources = sorted(Path(args.source).glob("*/*/*.JPEG"))
     if not sources:
         parser.error(f"no */*/*.JPEG under {args.source}")
@@ -66,7 +71,7 @@ def main() -> None:
         size = fixed or draw_size(rng)
         folder = Path(args.out) / "train" / source.parent.name
         folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(source) as image:
+        with Image.open(source, formats=["JPEG"]) as image:
             image.resize(size, Image.BICUBIC).save(folder / f"{source.stem}_{i}.JPEG", quality=QUALITY)
         sizes.append(size)
     widths, heights = np.array(sizes).T

@@ -6,7 +6,7 @@
 #   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1   # a fresh rendezvous store for each restart (see below)
 #   torchrun --standalone --nproc_per_node 4 --max-restarts 3 --no-python \
 #       scripts/torchrun_train.sh configs/resnet50_imagenet.yaml --config configs/presets/ddp.yaml --trainer.devices 4
-#   torchrun --nnodes 2 --nproc_per_node 4 --max-restarts 3 --rdzv-id "$JOB_ID" --rdzv-backend c10d \
+#   torchrun --nnodes 2 --nproc_per_node 4 --max-restarts 3 --rdzv-id resnet50-run1 --rdzv-backend c10d \
 #       --rdzv-endpoint node0:29500 --no-python scripts/torchrun_train.sh configs/resnet50_imagenet.yaml \
 #       --config configs/presets/multinode.yaml
 #
@@ -20,12 +20,13 @@
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    echo "usage: torchrun [OPTIONS] --no-python scripts/torchrun_train.sh CONFIG [CLI ARGUMENTS...]" >&2
+    echo "usage: torchrun [OPTIONS] --no-python scripts/torchrun_train.sh CONFIG [CLI ARGUMENTS...] (--no-python:" \
+         "torchrun runs this script itself, not through python)" >&2
     exit 2
 fi
 if [ -z "${TORCHELASTIC_RUN_ID:-}" ] || [ "${TORCHELASTIC_RUN_ID}" = "none" ]; then
-    echo "error: no rendezvous id: run this script under torchrun with --standalone, or give --rdzv-id a name" \
-         "of its own for this run (its folder is logs/torchrun/<id>)" >&2
+    echo "error: not under torchrun, or under it without a rendezvous id: run torchrun --no-python with" \
+         "--standalone, or give --rdzv-id a name of its own for this run (its folder is logs/torchrun/<id>)" >&2
     exit 2
 fi
 if [ "${TORCHELASTIC_MAX_RESTARTS:-0}" != 0 ] && [ "${TORCHELASTIC_USE_AGENT_STORE:-}" = True ]; then
@@ -37,6 +38,14 @@ if [ "${TORCHELASTIC_MAX_RESTARTS:-0}" != 0 ] && [ "${TORCHELASTIC_USE_AGENT_STO
 fi
 CONFIG=$1
 shift
+for argument in "$@"; do
+    case "$argument" in
+        --trainer.default_root_dir* | --trainer.logger.init_args.save_dir*)
+            echo "error: $argument: this script keeps the run in logs/torchrun/<rendezvous id>/, where a restart" \
+                 "finds it; leave the folder to it" >&2
+            exit 2 ;;
+    esac
+done
 
 RESUME_DIR="logs/torchrun/${TORCHELASTIC_RUN_ID}"
 mkdir -p "$RESUME_DIR"
@@ -44,7 +53,8 @@ RESUME=()
 if compgen -G "${RESUME_DIR}/*/version_*/checkpoints/last.ckpt" > /dev/null; then
     RESUME=(--ckpt_path last)
     if [ "${RANK:-0}" = 0 ]; then
-        echo "restart ${TORCHELASTIC_RESTART_COUNT:-0}: resuming from $(ls -t "${RESUME_DIR}"/*/version_*/checkpoints/last.ckpt)" >&2
+        echo "restart ${TORCHELASTIC_RESTART_COUNT:-0}: resuming the run under ${RESUME_DIR}" \
+             "(newest last.ckpt: $(ls -t "${RESUME_DIR}"/*/version_*/checkpoints/last.ckpt | head -1))" >&2
     fi
 fi
 

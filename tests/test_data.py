@@ -291,7 +291,7 @@ def test_the_dataloader_resumes_after_the_batches_training_took_not_those_its_wo
     stopped.sampler.set_epoch(1)
     taken = [next(batches) for _ in range(3)]
     state = stopped.state_dict()
-    assert state == {"epoch": 1, "position": 3, "seed": 5, "world_size": 1}  # the workers had fetched more
+    assert state == {"epoch": 1, "position": 3, "seed": 5, "global_batch": 8, "size": 64}  # the workers fetched more
     assert [key for _, _, key in taken] == [batch_key(5, 1, b) for b in range(3)]
     resumed = loader()
     resumed.load_state_dict(state)
@@ -303,3 +303,60 @@ def test_the_dataloader_resumes_after_the_batches_training_took_not_those_its_wo
         assert key == key_ and torch.equal(labels, labels_) and torch.equal(images, images_)
     resumed.sampler.set_epoch(2)
     assert len(list(resumed)) == len(expected)  # the next epoch is whole
+
+
+def test_a_checkpoint_before_an_epoch_s_first_batch_resumes_the_whole_epoch_and_any_split_of_the_global_batch():
+    from resnet_lab.data.augmentations import batch_key
+    from resnet_lab.data.base import BatchOrder
+
+    def keys(order: BatchOrder) -> list[int]:
+        return [key for key, _ in order]
+
+    order = BatchOrder(64, 8, True, seed=5)
+    list(order.taken(iter(order)))  # a whole epoch trained
+    order.set_epoch(1)  # e.g. a SIGTERM at the next epoch's start, before its first batch
+    fresh = BatchOrder(64, 8, True, seed=5)
+    fresh.load_state_dict(order.state_dict())
+    fresh.set_epoch(1)
+    assert keys(fresh) == [batch_key(5, 1, b) for b in range(8)]
+    # 2 processes of 4 images, stopped after 3 global batches, resumed on 1 process of 8: the same next batches.
+    shares = [BatchOrder(64, 4, True, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for share in shares:
+        share.set_epoch(1)
+        batches = share.taken(iter(share))
+        [next(batches) for _ in range(3)]
+    one = BatchOrder(64, 8, True, seed=5)
+    one.load_state_dict(shares[0].state_dict())
+    one.set_epoch(1)
+    resumed = list(one)
+    assert [key for key, _ in resumed] == [batch_key(5, 1, b) for b in range(3, 8)]
+    expected = BatchOrder(64, 8, True, seed=5)
+    expected.set_epoch(1)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, list(expected)[3:], strict=True))
+    other = BatchOrder(64, 16, True, seed=5)  # another global batch: other batches, the epoch afresh
+    other.load_state_dict(shares[0].state_dict())
+    other.set_epoch(1)
+    assert len(list(other)) == 4
+
+
+def test_a_fork_s_data_module_gets_its_evaluation_batches_normalised_as_its_training_ones():
+    from resnet_lab.data import ClassificationDataModule
+    from resnet_lab.data.augmentations import Standardize
+
+    class Fork(ClassificationDataModule):
+        num_classes, input_size = 10, 4
+
+        def setup(self, stage=None) -> None:
+            self.train_set = self.val_set = self.test_set = Noise()
+            self.normalize = Standardize(torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25))
+
+    dm = Fork(batch_size=8, num_workers=0)
+    dm.setup()
+    train = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)[0]
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)[0]
+    assert train.dtype == val.dtype == torch.float32 and abs(val.mean().item()) < 0.2  # both on the model's scale
+    with pytest.raises(TypeError, match="Old.train_sampler is no longer a hook.*train_order"):
+
+        class Old(Fork):
+            def train_sampler(self, dataset):
+                return None

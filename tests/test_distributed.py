@@ -570,7 +570,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_as_if_never_s
     os.kill(int((out / "pid-rank1-restart0").read_text()), signal.SIGKILL)
     finish(killed, out)
     output = (out / "output.txt").read_text()
-    assert "restart 1: resuming from" in output, output[-4000:]
+    assert "restart 1: resuming the run under logs/torchrun/" in output, output[-4000:]
 
     run = elastic_run(out)
     assert [p.name for p in run.parent.iterdir()] == ["version_0"]  # the same run went on

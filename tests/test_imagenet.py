@@ -424,3 +424,10 @@ def test_the_decoder_switch_reaches_every_split_and_a_reduced_decode_keeps_the_v
         assert views[decoder].shape == views["torchvision"].shape == (3, 32, 32)
         difference = (views[decoder].float() - views["torchvision"].float()).abs()
         assert 0 < difference.mean() < 3  # decoded at 1/8, not whole: resampling error only
+
+
+def test_an_unknown_decoder_is_refused_in_one_line(imagenet_root):
+    from resnet_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--data.decoder 'turbo': choose one of torchvision, pil, simplejpeg"):
+        ImageNetDataModule(root=str(imagenet_root), decoder="turbo")

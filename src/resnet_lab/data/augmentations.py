@@ -169,7 +169,7 @@ class MixBatch(BatchAugmentation):
         if labels.ndim == 1:
             labels = F.one_hot(labels, num_classes).to(images.dtype)
         with torch.random.fork_rng(devices=[]):  # torchvision draws on the host, from the global generator
-            torch.manual_seed(int(draws[0, 0]) if len(draws) else 0)
+            torch.default_generator.manual_seed(int(draws[0, 0]) if len(draws) else 0)  # not the GPUs' too
             return self.transform(images, labels)
 
 

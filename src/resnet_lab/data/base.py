@@ -56,6 +56,10 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[val_size:], perm[:val_size]
 
 
+def collate_evaluation(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
+    return (*default_collate(samples), NO_AUGMENTATION)
+
+
 class BatchOrder(DistributedSampler):
     """Which images form each training batch, and where a resumed run goes on: a seeded permutation per epoch (the
     order, in evaluation), cut into global batches, of which this process takes the images `rank::world_size`.
@@ -98,14 +102,23 @@ class BatchOrder(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.position = self.start()  # what a checkpoint written before the epoch's first batch must hold
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+        global_batch = self.batch_size * self.world_size
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": global_batch,
+                "size": self.size}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        # With another number of processes or seed the batches differ anyway: start the epoch afresh.
-        if state.get("world_size") == self.world_size and state.get("seed") == self.seed:
-            self.resume_at = (state["epoch"], state["position"])
+        # The position counts global batches, which are the same on any number of processes; another seed, global
+        # batch or split makes other batches, and the epoch starts afresh. (Checkpoints before `global_batch` hold
+        # the number of processes, whose batches were split alike.)
+        global_batch = state.get("global_batch", self.batch_size * state.get("world_size", 0))
+        same = (state.get("seed"), global_batch, state.get("size", self.size))
+        if same == (self.seed, self.batch_size * self.world_size, self.size):
+            epoch, position = state.get("epoch"), state.get("position")
+            if isinstance(epoch, int) and isinstance(position, int) and 0 <= position <= len(self):
+                self.resume_at = (epoch, position)
 
     def epoch_order(self) -> Tensor:
         """The images of the current epoch, in order, for every process: batch b is [b * step, (b + 1) * step)."""
@@ -215,7 +228,7 @@ class KeyedSamples(Dataset):
         samples = []
         with torch.random.fork_rng(devices=[]):  # in the training process itself when there are no workers
             for index, seed in zip(indices.tolist(), seeds.tolist(), strict=True):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed the GPUs' as well
                 samples.append(self.dataset[index])
         return (*default_collate(samples), key)
 
@@ -232,13 +245,21 @@ def batch_loader(dataset: Dataset, order: BatchOrder, num_workers: int) -> Resum
     )
 
 
+# Hooks of ClassificationDataModule that were renamed when every training batch came to be made in a `BatchOrder`.
+RENAMED_HOOKS = {
+    "train_sampler": "train_order, which says which images form each training batch",
+    "collate_fn": "eval_collate_fn for evaluation batches (training batches are stacked by KeyedSamples)",
+}
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Builds the loaders from `train_set`, `val_set` and `test_set`, which subclasses fill in `setup`, and
     transforms every batch once it is on the device (`on_after_batch_transfer`).
 
     Training batches come in a `BatchOrder` (`train_order`) from a `ResumableLoader`, each image's draws keyed
-    (`KeyedSamples`), so a run resumes mid-epoch at the very next batch, drawn alike. The loaders hand over uint8
-    images, their labels and the batch's key; `BatchTransforms` applies the data's own augmentations
+    (`KeyedSamples`), so a run resumes mid-epoch at the very next batch, drawn alike. A split's item i is a
+    (uint8 image [C, H, W] on the 0-255 scale, label) pair, in training and in evaluation alike. The loaders hand
+    over uint8 images, their labels and the batch's key; `BatchTransforms` applies the data's own augmentations
     (`data_augmentations`, e.g. ImageNet's PCA colour noise), then `augmentations`, then the normalisation
     (`normalize`, which subclasses set), then `mixing`.
 
@@ -252,6 +273,12 @@ class ClassificationDataModule(L.LightningDataModule):
     num_classes: int
     input_size: int  # height and width of the training images
     normalize: Standardize
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for old, new in RENAMED_HOOKS.items():  # an override Lightning would never call: refused, not ignored
+            if old in vars(cls):
+                raise TypeError(f"{cls.__name__}.{old} is no longer a hook of ClassificationDataModule: override {new}")
 
     def __init__(
         self,
@@ -315,9 +342,9 @@ class ClassificationDataModule(L.LightningDataModule):
             )
         return self.batch_size // processes
 
-    def eval_collate_fn(self) -> Callable | None:
-        """How an evaluation loader's samples form a batch; None stacks them."""
-        return None
+    def eval_collate_fn(self) -> Callable:
+        """How an evaluation loader's (uint8 image, label) samples form a batch, keyed as one to normalise only."""
+        return collate_evaluation
 
     def _share(self) -> tuple[int, int]:
         """This process's (rank, world size) under data parallelism."""

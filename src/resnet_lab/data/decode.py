@@ -38,6 +38,10 @@ DEFAULT_DECODER: Decoder = "simplejpeg"
 FACTORS = (8, 4, 2)  # libjpeg-turbo's scaled decodes that shrink both sides by a power of two
 
 
+def simplejpeg_missing() -> bool:
+    return simplejpeg is None
+
+
 def is_jpeg(data: bytes) -> bool:
     """The JPEG start-of-image marker (ImageNet's train set holds a PNG and CMYK JPEGs under .JPEG names)."""
     return data[:3] == b"\xff\xd8\xff"
@@ -75,7 +79,10 @@ class Jpeg:
             except ValueError:
                 self.decoder = "pil"  # see `decode`
         if self.decoder == "pil":
-            self.image = Image.open(io.BytesIO(data))  # reads the header; the pixels wait for the first access
+            try:  # reads the header; the pixels wait for the first access. JPEG only: no other plugin of PIL's runs
+                self.image = Image.open(io.BytesIO(data), formats=("JPEG",))
+            except Image.DecompressionBombError as err:  # not an OSError: named as any unreadable image is
+                raise ValueError(str(err)) from err
             self.width, self.height = self.image.size
 
     def decode(self, factor: int = 1) -> Tensor:

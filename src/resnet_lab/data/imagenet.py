@@ -5,14 +5,13 @@ import multiprocessing
 import warnings
 from collections.abc import Callable
 from copy import deepcopy
-from functools import cache
+from functools import cache, partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -30,7 +29,7 @@ from resnet_lab.data.base import (
     resolve_root,
     run_seed,
 )
-from resnet_lab.data.decode import DEFAULT_DECODER, Decoder, read_rgb, read_transformed
+from resnet_lab.data.decode import DEFAULT_DECODER, Decoder, read_rgb, read_transformed, simplejpeg_missing
 from resnet_lab.errors import ConfigError, DataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -215,10 +214,6 @@ class MultiScaleViews(nn.Module):
         return views
 
 
-def collate_evaluation(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, int]:
-    return (*default_collate(samples), NO_AUGMENTATION)
-
-
 def collate_view_lists(samples: list[tuple[list[Tensor], int]]) -> tuple[list[list[Tensor]], Tensor, int]:
     """Whole images at several scales differ in size: such a batch holds one list of views per image."""
     return [views for views, _ in samples], torch.tensor([label for _, label in samples]), NO_AUGMENTATION
@@ -234,7 +229,7 @@ class ImageFolderDataset(ImageFolder):
     def __init__(
         self, root: str, transform: nn.Module, skip_corrupt: bool = False, decoder: Decoder = DEFAULT_DECODER
     ) -> None:
-        super().__init__(root, transform=transform, loader=read_rgb)
+        super().__init__(root, transform=transform, loader=partial(read_rgb, decoder=decoder))
         self.skip_corrupt = skip_corrupt
         self.decoder = decoder
         self.skipped = multiprocessing.Value("l", 0)
@@ -344,6 +339,13 @@ class ImageNetDataModule(ClassificationDataModule):
         self.eval_mode = eval_mode
         self.test_scales = tuple(test_scales)
         self.skip_corrupt = skip_corrupt
+        if decoder not in get_args(Decoder):
+            raise ConfigError(f"--data.decoder {decoder!r}: choose one of {', '.join(get_args(Decoder))}")
+        if decoder == "simplejpeg" and simplejpeg_missing():
+            raise ConfigError(
+                "--data.decoder simplejpeg needs the simplejpeg package: pip install simplejpeg, or set "
+                "--data.decoder pil (or torchvision)"
+            )
         self.decoder = decoder
         self.normalize = imagenet_standardize()
 
@@ -381,7 +383,7 @@ class ImageNetDataModule(ClassificationDataModule):
         return RepeatedAugmentationSampler(size, self.process_batch_size, repetitions, run_seed(), *share)
 
     def eval_collate_fn(self) -> Callable:
-        return collate_view_lists if self.eval_mode == "multi_scale" else collate_evaluation
+        return collate_view_lists if self.eval_mode == "multi_scale" else super().eval_collate_fn()
 
     @property
     def skipped_images(self) -> int:
