@@ -350,22 +350,24 @@ class ClassificationDataModule(L.LightningDataModule):
         """This process's (rank, world size) under data parallelism."""
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
+    def built(self, split: Dataset | None) -> Dataset:
+        """`split`, which `setup` must have built."""
+        if split is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        return split
+
     def train_order(self, size: int) -> BatchOrder:
         """Which images form each training batch of this process: a `BatchOrder` over `size` images."""
         return BatchOrder(size, self.process_batch_size, True, run_seed(), *self._share())
 
     def train_dataloader(self) -> ResumableLoader:
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
-        dataset = KeyedSamples(self.train_set, *self._share())
+        dataset = KeyedSamples(self.built(self.train_set), *self._share())
         return batch_loader(dataset, self.train_order(len(self.train_set)), self.num_workers)
 
     def eval_loader(self, dataset: Dataset | None) -> DataLoader:
         """The loader of an evaluation split, in order, split over the processes by Lightning's sampler."""
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
         return DataLoader(
-            dataset,
+            self.built(dataset),
             batch_size=self.process_batch_size,
             collate_fn=self.eval_collate_fn(),
             num_workers=self.num_workers,

@@ -114,8 +114,7 @@ class InMemoryDataModule(ClassificationDataModule):
         return self.seed if self.seed is not None else run_seed()
 
     def _loader(self, split: ImageSplit | None, train: bool) -> DeviceBatches | DataLoader:
-        if split is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split")
+        split = self.built(split)
         on_device = self.loader == "device"
         device = self.trainer.strategy.root_device if on_device and self.trainer is not None else torch.device("cpu")
         rank, world_size = self._share()
