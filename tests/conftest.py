@@ -15,10 +15,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-# Command-line options that keep a test's run quiet: no progress bar, no model summary, no graph traced for TensorBoard.
+# Command-line options that keep a test's run quiet: no progress bar, no model summary, no graph traced for TensorBoard,
+# no TensorBoard figures (a second or two each to draw; test_notebook.py turns them back on).
 QUIET = [
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.logger.init_args.log_graph", "false",
+    "--trainer.logger.init_args.log_graph", "false", "--notebook.enabled", "false",
 ]  # fmt: skip
 IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042")
 
@@ -39,7 +40,8 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], label_k
 TINY_RUN = ["--data.val_size", "50", "--data.batch_size", "16", "--data.num_workers", "0",
             "--trainer.max_steps", "6", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
             "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.log_graph", "false"]  # fmt: skip
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.log_graph", "false",
+            "--notebook.enabled", "false"]  # fmt: skip
 
 
 def write_tiny_cifar(root: Path, images_per_batch: int = 40) -> Path:

@@ -235,6 +235,7 @@ def test_an_iteration_makes_the_host_wait_only_where_the_loggers_write(tmp_path,
         StopOnNonFiniteLoss,
         ValidateAtMaxSteps,
     )
+    from resnet_lab.notebook import TensorBoardNotebook
 
     L.seed_everything(0)
     data = CIFAR10DataModule(root=str(cifar_root), batch_size=8, val_size=50, num_workers=0, download=False)
@@ -242,9 +243,9 @@ def test_an_iteration_makes_the_host_wait_only_where_the_loggers_write(tmp_path,
     syncs = SyncsPerIteration()
     callbacks = [
         ValidateAtMaxSteps(), SpeedMonitor(), StopOnNonFiniteLoss(), CheckpointOnSignal(), PeriodicCheckpoint(),
-        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"), syncs,
+        L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"), TensorBoardNotebook(), syncs,
     ]  # fmt: skip
-    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, default_hp_metric=False)
     trainer = quiet_trainer(tmp_path, max_steps=12, log_every_n_steps=5, callbacks=callbacks, logger=logger,
                             limit_val_batches=0)  # fmt: skip
     trainer.fit(model, datamodule=data)

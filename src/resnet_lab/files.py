@@ -2,12 +2,14 @@
 Markdown nor a spreadsheet reads as more than text (docs/security.md)."""
 
 import contextlib
+import csv
 import errno
 import glob
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -78,3 +80,11 @@ def csv_cell(value: object) -> object:
         return value
     except ValueError:
         return f"'{value}"
+
+
+def atomic_write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """A CSV table of `rows` under `header`, each cell made safe for a spreadsheet (`csv_cell`), written atomically."""
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *([csv_cell(cell) for cell in row] for row in rows)])
+    atomic_write_text(path, text.getvalue())
+    return path

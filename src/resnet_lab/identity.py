@@ -94,6 +94,7 @@ NOT_OVERRIDES = (
     "last_checkpoint",
     "periodic_checkpoint",
     "lr_monitor",
+    "notebook",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "model.backbone.init_args.num_classes",

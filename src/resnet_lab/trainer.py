@@ -22,6 +22,7 @@ from resnet_lab.callbacks import (
 )
 from resnet_lab.checkpoints import AtomicCheckpointIO
 from resnet_lab.errors import ConfigError
+from resnet_lab.notebook import TensorBoardNotebook
 
 # Lightning 2.6 on torch >= 2.10 warns from its own internals on every fit; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -45,7 +46,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertis
 # `add_lightning_class_args`), with their defaults here: the best checkpoint on validation; the latest state at every
 # validation (Lightning's own `save_last` follows the best checkpoint, so a run whose validation error stops
 # improving would keep an old `last.ckpt`); `last.ckpt` every N iterations as well, which bounds what a kill loses
-# (`--periodic_checkpoint.every_n_train_steps N`); the learning rate at every iteration.
+# (`--periodic_checkpoint.every_n_train_steps N`); the learning rate at every iteration; TensorBoard's figures and
+# layouts (`--notebook.enabled false` turns them off).
 CONFIGURED_CALLBACKS = {
     "checkpoint": (RunCheckpoint, {"monitor": "val/err_top1", "mode": "min", "filename": "best-step{step}",
                                    "auto_insert_metric_name": False}),
@@ -53,6 +55,7 @@ CONFIGURED_CALLBACKS = {
                                         "save_top_k": 1, "enable_version_counter": False}),
     "periodic_checkpoint": (PeriodicCheckpoint, {}),
     "lr_monitor": (LearningRateMonitor, {"logging_interval": "step"}),
+    "notebook": (TensorBoardNotebook, {}),
 }  # fmt: skip
 # And those the Trainer adds itself: a validation at the last step, speed logging, a stop at a non-finite loss, a
 # checkpoint and a clean exit on SIGTERM/SIGUSR1. One given in `callbacks` takes its kind's place.

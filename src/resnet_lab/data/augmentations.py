@@ -33,6 +33,10 @@ class Standardize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
+    def inverse(self, x: Tensor) -> Tensor:
+        """The pixels in [0, 1] that `forward` made `x` of (to show a batch as the network gets it)."""
+        return x * self.std + self.mean
+
 
 class BatchAugmentation(nn.Module):
     """A random transform of a batch of images [B, C, H, W], its randomness drawn first for every image.

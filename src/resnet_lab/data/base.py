@@ -271,6 +271,7 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     num_classes: int
+    class_names: list[str] | None = None  # by class index, for figures and tables; None: the class numbers
     input_size: int  # height and width of the training images
     normalize: Standardize
 

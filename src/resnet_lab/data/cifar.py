@@ -128,6 +128,7 @@ class CIFAR10DataModule(InMemoryDataModule):
     train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
     test_files = ("test_batch",)
     label_key = b"labels"
+    meta_file, names_key = "batches.meta", b"label_names"
     num_classes = 10
     input_size = 32
     torchvision_class = datasets.CIFAR10
@@ -214,6 +215,19 @@ class CIFAR10DataModule(InMemoryDataModule):
         else:
             self.val_set = self.test_set
         self.normalize = normalize
+        self.class_names = read_class_names(self.data_dir / self.meta_file, self.names_key, self.num_classes)
+
+
+def read_class_names(path: Path, key: bytes, num_classes: int) -> list[str] | None:
+    """The class names of a CIFAR folder's meta file (`batches.meta`, `meta`), running no code from it; None where
+    it is missing or does not hold `num_classes` names (they only label figures and tables)."""
+    try:
+        names = read_cifar_pickle(path)[key] if path.is_file() else None
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(names, list) or len(names) != num_classes:
+        return None
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -223,5 +237,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
     train_files = ("train",)
     test_files = ("test",)
     label_key = b"fine_labels"
+    meta_file, names_key = "meta", b"fine_label_names"
     num_classes = 100
     torchvision_class = datasets.CIFAR100

@@ -1,11 +1,13 @@
 """Fig. 1 / Fig. 6: training error (thin) and validation error (bold) against iterations, from the runs' logs or
 from the ledger's curve files (`results/curves/`)."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import rcParams
 from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.paper.ledger import curve_name, read_curve_file
 from resnet_lab.paper.runs import TRAIN, VAL, Run, find_runs, save_figure, write_csv
@@ -40,18 +42,41 @@ def read_curves(paths: list[Path]) -> list[Curve]:
 
 
 def plot_curves(curves: list[Curve], out: Path, title: str = "") -> tuple[Path, Path]:
-    """Write `out`.png and `out`.csv (run, curve, step, error) and log the figure to TensorBoard beside them."""
+    """Write `out`.png and `out`.csv (run, curve, step, error) and log the figure to TensorBoard beside them, with
+    the curves as scalars under a custom-scalars layout of the figure's panels (`log_curves`)."""
     fig, rows = curves_figure(curves, title)
+    log_curves(curves, out.parent / "tensorboard" / out.stem, title or out.stem)
     return save_figure(fig, out), write_csv(out, ("run", "curve", "step", "error_pct"), rows)
+
+
+def panel(curve: Curve) -> str:
+    return "residual" if curve.backbone.get("residual", True) else "plain"
+
+
+def log_curves(curves: list[Curve], folder: Path, title: str) -> None:
+    """Each curve as a TensorBoard run under `folder` (`<panel>/train_err`, `<panel>/val_err`), and a layout for the
+    CUSTOM SCALARS tab with Fig. 6's panels, each one chart of its runs' training and validation error."""
+    panels = sorted({panel(curve) for curve in curves})
+    layout = {f"Fig. 6: {title}": {f"{kind} nets": ["Multiline", [f"^{kind}/"]] for kind in panels}}
+    for stale in folder.glob("*/events.out.tfevents.*"):  # an earlier call's: its points would mix with these
+        stale.unlink()
+    used: set[str] = set()
+    for curve in curves:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", curve.name).strip("_.") or "run"
+        while name in used:  # two curves of one name (the same run given twice) stay apart
+            name += "_"
+        used.add(name)
+        with SummaryWriter(str(folder / name)) as writer:
+            writer.add_custom_scalars(layout)
+            for suffix, points in (("train_err", curve.train), ("val_err", curve.val)):
+                for step, value in points:
+                    writer.add_scalar(f"{panel(curve)}/{suffix}", value, global_step=step)
 
 
 def curves_figure(curves: list[Curve], title: str = "") -> tuple[Figure, list[tuple]]:
     """Fig. 6: plain and residual runs in separate panels, training error dashed and validation error bold against
     iterations; and its points as rows (run, curve, step, error)."""
-    panels = {
-        "plain": [c for c in curves if not c.backbone.get("residual", True)],
-        "residual": [c for c in curves if c.backbone.get("residual", True)],
-    }
+    panels = {kind: [c for c in curves if panel(c) == kind] for kind in ("plain", "residual")}
     panels = {k: v for k, v in panels.items() if v}
     fig = Figure(figsize=(5.5 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor, nn
 
 from resnet_lab.errors import ConfigError
+from resnet_lab.notebook import tensorboard_writers
 from resnet_lab.paper.runs import save_figure, write_csv
 
 
@@ -152,12 +153,11 @@ class LayerResponseMonitor(Callback):
         self.last_std = self.stats.std()
         self.stats = None
         pl_module.log("responses/mean_std", self.last_std.mean().item())
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
+        for writer in tensorboard_writers(trainer):
             fig = Figure(figsize=(6, 3))
             ax = fig.subplots()
             ax.plot(range(1, len(self.last_std) + 1), self.last_std.tolist())
             ax.set_xlabel("3x3 layer index")
             ax.set_ylabel("response std")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            experiment.add_figure("responses/std_by_layer", fig, global_step=trainer.global_step)
+            writer.add_figure("responses/std_by_layer", fig, global_step=trainer.global_step)

@@ -1,8 +1,6 @@
 """Finished runs on disk (`logs/<experiment>/<version>/` folders with a config.yaml and TensorBoard events), and
 how the reproduction commands write their figures and tables."""
 
-import csv
-import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from resnet_lab.checkpoints import check_plain, model_arguments, read_saved_config
 from resnet_lab.errors import DataError, DatasetNotFoundError
-from resnet_lab.files import atomic_write_text, csv_cell
+from resnet_lab.files import atomic_write_csv
 from resnet_lab.identity import stock_setting
 from resnet_lab.launch import config_key
 
@@ -131,8 +129,4 @@ def save_figure(fig: Figure, out: Path) -> Path:
 
 
 def write_csv(out: Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
-    path = out.with_suffix(".csv")
-    text = io.StringIO()
-    csv.writer(text).writerows([header, *([csv_cell(cell) for cell in row] for row in rows)])
-    atomic_write_text(path, text.getvalue())
-    return path
+    return atomic_write_csv(out.with_suffix(".csv"), header, rows)
